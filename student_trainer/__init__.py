@@ -1,0 +1,1 @@
+"""Student trainer: rollouts, teacher client, losses, training loop, evaluation."""

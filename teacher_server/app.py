@@ -1,0 +1,277 @@
+"""FastAPI app factory: routes, validation against the server's limits, content negotiation, one error format.
+
+`create_app(settings, engine=None)`: the lifespan starts the engine (built from settings when none is
+given), so tests can wrap any engine. Every error, ours or FastAPI's, leaves as the `ErrorEnvelope` JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protocol import codec
+from protocol.schema import (
+    JSON_MEDIA_TYPE,
+    MSGPACK_MEDIA_TYPE,
+    PROTOCOL_VERSION,
+    ErrorEnvelope,
+    InfoResponse,
+    ProtocolError,
+    ScoreBatch,
+    ScoreRequestJSON,
+    ScoreResponseJSON,
+    cap_message,
+)
+from teacher_server.engines import ScoringEngine, build_engine
+from teacher_server.metrics import Metrics
+from teacher_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope, "description": desc}
+    for code, desc in {
+        400: "Invalid request (bad top_k, score_from, token id, protocol version, body)",
+        413: "Request or body over the server's limits",
+        415: "Unsupported Content-Type",
+        422: "Schema violation",
+        503: "Engine not ready or failed",
+    }.items()
+}
+
+
+def error_response(status: int, error_type: str, message: str, metrics: Metrics | None = None) -> JSONResponse:
+    if metrics is not None:
+        metrics.errors.labels(type=error_type).inc()
+    return JSONResponse(
+        status_code=status, content={"error": {"type": error_type, "message": cap_message(str(message))}}
+    )
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def _response_media_type(request: Request, request_media: str) -> str:
+    accept = (request.headers.get("accept") or "").lower()
+    if MSGPACK_MEDIA_TYPE in accept:
+        return MSGPACK_MEDIA_TYPE
+    if JSON_MEDIA_TYPE in accept:
+        return JSON_MEDIA_TYPE
+    return request_media  # no preference (or */*): answer in the request's encoding
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it (413) as soon as it exceeds `limit` bytes - before anything is parsed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"body of {declared} bytes exceeds max_body_bytes={limit}", error_type="body_too_large", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"body exceeds max_body_bytes={limit}", error_type="body_too_large", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate_batch(batch: ScoreBatch, settings: Settings, info) -> None:
+    """The server's limits and the model's vocabulary, checked vectorised (no per-position Python)."""
+    codec.check_protocol_version(batch.protocol_version)
+    max_k = min(settings.max_top_k, info.vocab_size)
+    if not 1 <= batch.top_k <= max_k:
+        raise ProtocolError(
+            f"top_k={batch.top_k} is out of range: it must be in [1, {max_k}] (the server's max_top_k; start the "
+            "teacher with a larger --max-top-k to raise it)",
+            error_type="invalid_top_k",
+        )
+    b = batch.num_sequences
+    if b == 0:
+        raise ProtocolError("sequences is empty: send at least one sequence", error_type="empty_request")
+    if b > settings.max_sequences_per_request:
+        raise ProtocolError(
+            f"{b} sequences exceed max_sequences_per_request={settings.max_sequences_per_request}; split the request",
+            error_type="too_many_sequences",
+            status=413,
+        )
+    if batch.num_tokens > settings.max_tokens_per_request:
+        raise ProtocolError(
+            f"{batch.num_tokens} tokens exceed max_tokens_per_request={settings.max_tokens_per_request}; split the request",
+            error_type="request_too_large",
+            status=413,
+        )
+    too_long = np.flatnonzero(batch.lengths_B > info.max_seq_len)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ProtocolError(
+            f"sequence {i} has {int(batch.lengths_B[i])} tokens, more than max_seq_len={info.max_seq_len}",
+            error_type="sequence_too_long",
+        )
+    bad_start = np.flatnonzero((batch.score_from_B < 1) | (batch.score_from_B >= batch.lengths_B))
+    if bad_start.size:
+        i = int(bad_start[0])
+        raise ProtocolError(
+            f"sequence {i}: score_from={int(batch.score_from_B[i])} must satisfy 1 <= score_from < len(token_ids)="
+            f"{int(batch.lengths_B[i])}",
+            error_type="invalid_score_from",
+        )
+    bad_ids = np.flatnonzero((batch.token_ids_T < 0) | (batch.token_ids_T >= info.vocab_size))
+    if bad_ids.size:
+        pos = int(bad_ids[0])
+        seq = int(np.searchsorted(batch.offsets_B1, pos, side="right") - 1)
+        raise ProtocolError(
+            f"sequence {seq}: token id {int(batch.token_ids_T[pos])} is outside the vocabulary [0, {info.vocab_size})",
+            error_type="invalid_token_id",
+        )
+
+
+def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engine if engine is not None else build_engine(settings)
+        eng.observe_forward = metrics.observe_forward
+        await eng.start()
+        app.state.engine = eng
+        logger.info("teacher ready: %s", eng.info)
+        try:
+            yield
+        finally:
+            app.state.engine = None
+            await eng.close()
+
+    app = FastAPI(
+        title="aopd teacher",
+        version=str(PROTOCOL_VERSION),
+        description="Scores token sequences with a teacher model: per position the actual token's logprob and "
+        "the teacher's top-K. Bodies are JSON (application/json) or msgpack with raw little-endian arrays "
+        "(application/msgpack, see protocol/codec.py).",
+        lifespan=lifespan,
+    )
+    app.state.engine = None
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    def ready_engine(request: Request) -> ScoringEngine:
+        eng = request.app.state.engine
+        if eng is None or not eng.healthy():
+            raise ProtocolError("the teacher engine is not ready", error_type="engine_unavailable", status=503)
+        return eng
+
+    # ---------------------------------------------------------------------------------------------------
+    # errors: one envelope for everything
+    # ---------------------------------------------------------------------------------------------------
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, exc: ProtocolError):
+        resp = error_response(exc.status, exc.error_type, str(exc), metrics)
+        if exc.status == 503:
+            resp.headers["Retry-After"] = "5"
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, "validation_error", f"{where}: {first.get('msg', 'invalid')}", metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), metrics)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}", metrics)
+
+    # ---------------------------------------------------------------------------------------------------
+    # routes
+    # ---------------------------------------------------------------------------------------------------
+
+    @app.get("/health", responses={503: _ERROR_RESPONSES[503]})
+    async def health(request: Request) -> dict[str, str]:
+        ready_engine(request)
+        return {"status": "ok"}
+
+    @app.get("/v1/info", response_model=InfoResponse, responses={503: _ERROR_RESPONSES[503]})
+    async def info(request: Request) -> InfoResponse:
+        eng = ready_engine(request)
+        i = eng.info
+        return InfoResponse(
+            protocol_version=PROTOCOL_VERSION,
+            model=i.model,
+            engine=i.engine,
+            vocab_size=i.vocab_size,
+            tokenizer_fingerprint=i.tokenizer_fingerprint,
+            max_top_k=min(settings.max_top_k, i.vocab_size),
+            max_tokens_per_request=settings.max_tokens_per_request,
+            max_sequences_per_request=settings.max_sequences_per_request,
+            max_seq_len=i.max_seq_len,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponseJSON,
+        responses={
+            200: {"content": {MSGPACK_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+            **_ERROR_RESPONSES,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON_MEDIA_TYPE: {"schema": ScoreRequestJSON.model_json_schema(ref_template="#/components/schemas/{model}")},
+                    MSGPACK_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def score(request: Request) -> Response:
+        t0 = time.perf_counter()
+        status = 500
+        metrics.in_flight.inc()
+        try:
+            eng = ready_engine(request)
+            media = _media_type(request.headers.get("content-type"))
+            if media not in (JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE):
+                raise ProtocolError(
+                    f"Content-Type must be {JSON_MEDIA_TYPE} or {MSGPACK_MEDIA_TYPE}, got {media[:60]!r}",
+                    error_type="unsupported_media_type",
+                    status=415,
+                )
+            body = await _read_body(request, settings.max_body_bytes)
+            batch = codec.decode_request_msgpack(body) if media == MSGPACK_MEDIA_TYPE else codec.decode_request_json(body)
+            validate_batch(batch, settings, eng.info)
+            result = await eng.score(batch)
+            metrics.sequences.inc(batch.num_sequences)
+            metrics.tokens.inc(int(result.token_logprobs_N.size))
+            metrics.request_sequences.observe(batch.num_sequences)
+            out_media = _response_media_type(request, media)
+            payload = codec.encode_response_msgpack(result) if out_media == MSGPACK_MEDIA_TYPE else codec.encode_response_json(result)
+            status = 200
+            return Response(payload, media_type=out_media)
+        except ProtocolError as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(route="/v1/score", status=str(status)).inc()
+            metrics.latency.labels(route="/v1/score").observe(time.perf_counter() - t0)
+
+    return app

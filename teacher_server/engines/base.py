@@ -1,0 +1,46 @@
+"""The engine interface the server is built around (so tests build the app around any engine)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.schema import ScoreBatch, ScoreResult
+
+# Called once per forward pass an engine runs: (requests, sequences, tokens) that the forward served.
+ForwardObserver = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    engine: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    max_seq_len: int
+
+
+class ScoringEngine(abc.ABC):
+    """Lifecycle: `await start()` (loads the model) -> many concurrent `await score(batch)` -> `await close()`.
+
+    `score` receives a batch the server has already validated (ids in vocab, 1 <= score_from < len, K in
+    range) and returns, for every sequence, rows score_from .. len-1 as defined in `protocol.schema`.
+    Engines batch concurrent calls themselves (hf: coalesced padded forwards; vLLM: continuous batching).
+    """
+
+    info: EngineInfo
+    observe_forward: ForwardObserver | None = None
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def score(self, batch: ScoreBatch) -> ScoreResult: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (the server then answers 503)."""
+        return True

@@ -1,0 +1,47 @@
+"""Typed server settings: command-line flags, or `TEACHER_*` environment variables (flags win)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Directory of a Hugging Face model (weights + tokenizer).")
+    model_name: str | None = Field(None, description="Name reported in /v1/info (default: the directory's basename).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Scoring backend: transformers ('hf') or vLLM.")
+    host: str = Field("127.0.0.1", description="Bind address. Use 0.0.0.0 inside a container.")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="hf engine: 'cpu', 'cuda', 'cuda:1', or 'auto' (cuda if available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher weights dtype ('auto': bfloat16 on GPU, float32 on CPU)."
+    )
+    max_top_k: int = Field(64, ge=1, description="Largest K a request may ask for (vLLM: its max_logprobs).")
+    max_tokens_per_batch: int = Field(
+        16384, ge=1, description="Token budget of one forward (hf: padded tokens; vLLM: max_num_batched_tokens)."
+    )
+    max_tokens_per_request: int = Field(1 << 20, ge=1, description="Total tokens one request may carry (else 413).")
+    max_sequences_per_request: int = Field(4096, ge=1)
+    max_seq_len: int | None = Field(None, ge=2, description="Longest sequence accepted (default: the model's).")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="Request bodies larger than this get 413 unparsed.")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="hf engine: how long the batcher waits for more requests before a forward."
+    )
+    logits_chunk_size: int = Field(
+        1024, ge=1, description="Rows of [rows, V] float32 logits materialised at once for log-softmax/top-k."
+    )
+    # vLLM engine options, passed through.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enable_prefix_caching: bool = Field(False, description="vLLM prefix cache (prompt logprobs skip reading it).")
+    log_level: str = Field("info")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_top_k > 4096:
+            raise ValueError(f"max_top_k={self.max_top_k} is unreasonably large; use at most 4096")
+        return self
