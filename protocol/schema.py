@@ -55,8 +55,9 @@ class _Strict(BaseModel):
 
 
 class SequenceIn(_Strict):
-    token_ids: list[int] = Field(description="Prompt + completion token ids.", min_length=2)
-    score_from: int = Field(description="First position scored (1 <= score_from < len(token_ids)).", ge=1)
+    # Range rules are checked by the server (same error types for JSON and binary bodies), not here.
+    token_ids: list[int] = Field(description="Prompt + completion token ids, each in [0, vocab_size).")
+    score_from: int = Field(description="First position scored (1 <= score_from < len(token_ids)).")
 
 
 class ScoreRequestJSON(_Strict):
