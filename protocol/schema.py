@@ -79,6 +79,24 @@ class ScoreResponseJSON(_Strict):
     results: list[SequenceScores]
 
 
+class GenerateRequestJSON(_Strict):
+    """`POST /v1/generate`: the teacher samples completions (SeqKD's teacher-written training data)."""
+
+    protocol_version: int = Field(PROTOCOL_VERSION)
+    prompts: list[list[int]] = Field(description="Prompt token ids.")
+    n: int = Field(1, description="Samples per prompt (1 <= n <= 64).")
+    max_new_tokens: int = Field(description="Completion length limit (prompt + completion <= max_seq_len).")
+    temperature: float = Field(1.0, description="0 = greedy.")
+    top_p: float = Field(1.0, description="Nucleus sampling, in (0, 1].")
+    seed: int | None = Field(None, description="Sampling seed (same seed, same engine state: same samples).")
+
+
+class GenerateResponseJSON(_Strict):
+    protocol_version: int
+    model: str
+    completions: list[list[int]] = Field(description="Prompt-major: n completions per prompt, each ending at EOS or the limit.")
+
+
 class InfoResponse(_Strict):
     protocol_version: int
     model: str = Field(description="Model name (directory basename unless configured).")

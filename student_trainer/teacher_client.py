@@ -30,6 +30,8 @@ from protocol.schema import (
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
     PROTOCOL_VERSION,
+    GenerateRequestJSON,
+    GenerateResponseJSON,
     InfoResponse,
     ScoreBatch,
     ScoreResult,
@@ -135,6 +137,13 @@ class _Base:
         media = MSGPACK_MEDIA_TYPE if self.encoding == "msgpack" else JSON_MEDIA_TYPE
         body = codec.encode_request_msgpack(batch) if media == MSGPACK_MEDIA_TYPE else codec.encode_request_json(batch)
         return body, {**self.headers, "Content-Type": media, "Accept": media}
+
+    def _generate_body(self, prompts, n, max_new_tokens, temperature, top_p, seed) -> tuple[bytes, dict[str, str]]:
+        req = GenerateRequestJSON(
+            prompts=[[int(t) for t in p] for p in prompts], n=n, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed,
+        )
+        return req.model_dump_json().encode(), {**self.headers, "Content-Type": JSON_MEDIA_TYPE}
 
     def _decode(self, resp: httpx.Response, batch: ScoreBatch) -> ScoreResult:
         media = resp.headers.get("content-type", "").split(";")[0].strip()
@@ -244,6 +253,15 @@ class TeacherClient(_Base):
         """Score `[(token_ids, score_from), ...]`; one `SequenceResult` of numpy arrays per sequence."""
         return self.score_batch(_as_batch(sequences, top_k)).split()
 
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int = 1, *, max_new_tokens: int, temperature: float = 1.0,
+        top_p: float = 1.0, seed: int | None = None,
+    ) -> list[list[int]]:
+        """Teacher-written completions, prompt-major (n per prompt): SeqKD's training data."""
+        body, headers = self._generate_body(prompts, n, max_new_tokens, temperature, top_p, seed)
+        resp = self._request("POST", "/v1/generate", content=body, headers=headers)
+        return GenerateResponseJSON.model_validate_json(resp.content).completions
+
 
 class AsyncTeacherClient(_Base):
     """asyncio client with the same methods as `TeacherClient`, as coroutines."""
@@ -296,3 +314,11 @@ class AsyncTeacherClient(_Base):
         self, sequences: Sequence[tuple[Any, int]] | ScoreBatch, top_k: int | None = None
     ) -> list[SequenceResult]:
         return (await self.score_batch(_as_batch(sequences, top_k))).split()
+
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], n: int = 1, *, max_new_tokens: int, temperature: float = 1.0,
+        top_p: float = 1.0, seed: int | None = None,
+    ) -> list[list[int]]:
+        body, headers = self._generate_body(prompts, n, max_new_tokens, temperature, top_p, seed)
+        resp = await self._request("POST", "/v1/generate", content=body, headers=headers)
+        return GenerateResponseJSON.model_validate_json(resp.content).completions

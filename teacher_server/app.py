@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,6 +25,8 @@ from protocol.schema import (
     MSGPACK_MEDIA_TYPE,
     PROTOCOL_VERSION,
     ErrorEnvelope,
+    GenerateRequestJSON,
+    GenerateResponseJSON,
     InfoResponse,
     ProtocolError,
     ScoreBatch,
@@ -274,4 +277,62 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             metrics.requests.labels(route="/v1/score", status=str(status)).inc()
             metrics.latency.labels(route="/v1/score").observe(time.perf_counter() - t0)
 
+    @app.post("/v1/generate", response_model=GenerateResponseJSON, responses={**_ERROR_RESPONSES, 501: {"model": ErrorEnvelope}})
+    async def generate(request: Request) -> Response:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            eng = ready_engine(request)
+            if _media_type(request.headers.get("content-type")) != JSON_MEDIA_TYPE:
+                raise ProtocolError(f"Content-Type must be {JSON_MEDIA_TYPE}", error_type="unsupported_media_type", status=415)
+            body = await _read_body(request, settings.max_body_bytes)
+            try:
+                req = GenerateRequestJSON.model_validate_json(body)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                raise ProtocolError(f"invalid JSON request at '{where}': {first.get('msg')}", error_type="malformed_body") from None
+            validate_generate(req, settings, eng.info)
+            try:
+                completions = await eng.generate(req.prompts, req.n, req.max_new_tokens, req.temperature, req.top_p, req.seed)
+            except NotImplementedError as exc:
+                raise ProtocolError(str(exc), error_type="not_implemented", status=501) from None
+            status = 200
+            return JSONResponse(
+                GenerateResponseJSON(protocol_version=PROTOCOL_VERSION, model=eng.info.model, completions=completions).model_dump()
+            )
+        except ProtocolError as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.requests.labels(route="/v1/generate", status=str(status)).inc()
+            metrics.latency.labels(route="/v1/generate").observe(time.perf_counter() - t0)
+
     return app
+
+
+def validate_generate(req: GenerateRequestJSON, settings: Settings, info) -> None:
+    codec.check_protocol_version(req.protocol_version)
+    if not req.prompts:
+        raise ProtocolError("prompts is empty: send at least one prompt", error_type="empty_request")
+    if not 1 <= req.n <= 64:
+        raise ProtocolError(f"n={req.n} must be in [1, 64]", error_type="invalid_n")
+    if len(req.prompts) * req.n > settings.max_sequences_per_request:
+        raise ProtocolError(
+            f"{len(req.prompts)} prompts x n={req.n} exceed max_sequences_per_request={settings.max_sequences_per_request}",
+            error_type="too_many_sequences",
+            status=413,
+        )
+    if not req.temperature >= 0 or not 0 < req.top_p <= 1:
+        raise ProtocolError("temperature must be >= 0 and top_p in (0, 1]", error_type="invalid_sampling")
+    for i, p in enumerate(req.prompts):
+        if not p:
+            raise ProtocolError(f"prompt {i} is empty", error_type="invalid_sequence")
+        if len(p) + req.max_new_tokens > info.max_seq_len or req.max_new_tokens < 1:
+            raise ProtocolError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens={req.max_new_tokens} must be within [1, max_seq_len="
+                f"{info.max_seq_len}]",
+                error_type="sequence_too_long",
+            )
+        if min(p) < 0 or max(p) >= info.vocab_size:
+            raise ProtocolError(f"prompt {i}: token id outside the vocabulary [0, {info.vocab_size})", error_type="invalid_token_id")

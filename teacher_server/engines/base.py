@@ -41,6 +41,12 @@ class ScoringEngine(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def generate(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> list[list[int]]:
+        """Sample n completions per prompt (prompt-major), each ending at EOS (included) or the limit."""
+        raise NotImplementedError(f"the {type(self).__name__} engine does not generate")
+
     def healthy(self) -> bool:
         """False once the engine can no longer serve (the server then answers 503)."""
         return True

@@ -70,6 +70,7 @@ class HFEngine(ScoringEngine):
         s = self.settings
         self.device, self.dtype = resolve_device_dtype(s.device, s.dtype)
         tokenizer = AutoTokenizer.from_pretrained(s.model)
+        self.tokenizer = tokenizer
         model = AutoModelForCausalLM.from_pretrained(s.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.decoder = model.get_decoder()
@@ -96,6 +97,18 @@ class HFEngine(ScoringEngine):
 
     def healthy(self) -> bool:
         return self._failed is None and self._worker is not None and not self._worker.done()
+
+    async def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
+        # The student's rollout generator (one tested sampling path), on the teacher's weights. It runs on the
+        # same worker thread as scoring forwards, so the two never compete for the model.
+        from student_trainer.rollout import HFGenerator
+
+        def run() -> list[list[int]]:
+            gen = HFGenerator(self.model, self.tokenizer, batch_size=max(1, self.settings.max_tokens_per_batch // 512))
+            rollouts = gen.generate(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            return [r.completion_ids for r in rollouts]
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     # ------------------------------------------------------------------------------------------------------
     # batching

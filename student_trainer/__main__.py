@@ -1,0 +1,34 @@
+"""`python -m student_trainer --config run.yaml [section.key=value ...] [--resume]`: train a student.
+
+The config is validated before any work (model loading, teacher connection); a bad one exits with status 2
+and a message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from student_trainer.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m student_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file with sections model, teacher, data, rollout, optim, loss, train")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in train.run_dir")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.mode=opd train.steps=50")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from student_trainer.train import setup_logging, train
+
+    setup_logging()
+    train(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

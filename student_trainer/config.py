@@ -1,0 +1,204 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before any work.
+
+    python -m student_trainer --config run.yaml loss.mode=aopd loss.tau=-0.1 train.steps=200
+
+Every field has a docstring-like description; errors name the key and the fix. The resolved config is written
+to `<run_dir>/config.yaml`, so a run directory always says exactly what produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from student_trainer.losses import LossConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="Student model directory (Hugging Face format, with its tokenizer).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1' or 'auto'.")
+
+
+class TeacherSection(_Section):
+    url: str | None = Field(None, description="Teacher scoring endpoint, e.g. http://teacher:8000 (required except seqkd-free runs).")
+    ref_url: str | None = Field(
+        None,
+        description="exopd only: a second scoring endpoint serving the student's initial weights (python -m "
+        "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory.",
+    )
+    top_k: int = Field(32, ge=1, description="K: teacher top-k per position.")
+    encoding: Literal["msgpack", "json"] = "msgpack"
+    timeout_s: float = Field(600.0, gt=0, description="Read timeout of one scoring request.")
+    max_retries: int = Field(8, ge=0, description="Retries per request on connection errors / 429 / 502 / 503.")
+    max_backoff_s: float = Field(30.0, gt=0)
+    startup_wait_s: float = Field(600.0, ge=0, description="How long to wait for a teacher that is down at start-up.")
+    outage_timeout_s: float = Field(
+        3600.0, ge=0, description="Mid-run: keep retrying a step's scoring this long before giving up (the step's "
+        "rollouts are kept meanwhile)."
+    )
+    api_key: str | None = Field(None, description="Bearer token (default: TEACHER_API_KEY from the environment).")
+
+
+class DataSection(_Section):
+    train_path: str = Field(description="Training prompts: local JSONL or Parquet.")
+    eval_path: str | None = Field(None, description="Held-out problems with answers, for pass@k.")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    apply_chat_template: bool | None = Field(None, description="None: apply when the tokenizer has a chat template.")
+    system_prompt: str | None = None
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems only.")
+
+
+class RolloutSection(_Section):
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream_chunk_prompts: int = Field(
+        4, ge=1, description="Prompts per streamed chunk: each chunk's rollouts go to the teacher as soon as they are "
+        "generated, so scoring overlaps the generation of the next chunk."
+    )
+    stream: bool = Field(
+        True, description="Stream chunks to the teacher during generation (false: generate everything, then score; "
+        "for comparison, see bench/pipeline.py)."
+    )
+    generation_batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this (logged before clipping).")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate over "
+                                  "the step's micro-batches (the step's update does not depend on it).")
+
+
+class LossSection(_Section):
+    mode: Literal["opd", "aopd", "aopd_add", "gkd", "aopd_zero", "aopd_acc", "exopd", "seqkd"] = "aopd"
+    tau: float = 0.0
+    beta: float = 0.0
+    zero_eps: float = 1e-3
+    lam: float = 1.25
+    support_norm: Literal["both", "teacher"] = "both"
+    chunk_size: int = Field(128, ge=1, description="Positions per chunk of the fused lm_head + loss.")
+    is_cap: float = Field(2.0, gt=0)
+    importance_correction: bool = Field(
+        False, description="Weight the policy gradient by min(pi/pi_behaviour, is_cap) using the sampling logprobs "
+        "(for rollouts from an older policy or another engine). Plain on-policy when false."
+    )
+    reduction: Literal["token", "sequence"] = Field(
+        "token", description="token: mean over all completion tokens of the step; sequence: mean of per-sequence means."
+    )
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            mode=self.mode, tau=self.tau, beta=self.beta, zero_eps=self.zero_eps, lam=self.lam,
+            support_norm=self.support_norm, chunk_size=self.chunk_size, is_cap=self.is_cap,
+        )
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1)
+    seed: int = 0
+    run_dir: str = Field("runs/default", description="Metrics, resolved config and checkpoints go here.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (and at start and end); 0 = never.")
+    eval_n: int = Field(4, ge=1, description="Samples per held-out problem.")
+    eval_ks: list[int] = Field(default_factory=lambda: [1, 4], description="pass@k values reported.")
+    eval_temperature: float = Field(1.0, ge=0)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (and at the end); 0 = only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk (oldest deleted first).")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="Stop (after checkpointing) once this invocation has run N steps; resume later with "
+        "--resume. For preemptible / time-sliced jobs."
+    )
+    hist_every: int = Field(10, ge=0, description="Log the advantage histogram every N steps (0 = never).")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to <run_dir>/tb.")
+    progress: bool = Field(True, description="Progress bars for long phases (generation, evaluation).")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run label in plots (default: the run directory's name).")
+    model: ModelSection
+    teacher: TeacherSection = TeacherSection()
+    data: DataSection
+    rollout: RolloutSection = RolloutSection()
+    optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
+    train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.teacher.url is None:
+            raise ValueError("teacher.url is required: the teacher endpoint that scores (or, for seqkd, writes) rollouts")
+        if self.loss.mode != "seqkd":
+            self.loss.loss_config()  # LossConfig's own validation, with its messages
+        if self.loss.mode == "aopd_acc" and self.data.answer_field is None:
+            raise ValueError("loss.mode=aopd_acc needs answers to verify: set data.answer_field")
+        if self.train.eval_every and self.data.eval_path is None:
+            raise ValueError("train.eval_every > 0 needs held-out problems: set data.eval_path (or eval_every=0)")
+        bad_k = [k for k in self.train.eval_ks if k < 1 or k > self.train.eval_n]
+        if bad_k:
+            raise ValueError(f"train.eval_ks {bad_k} must be within [1, train.eval_n={self.train.eval_n}]")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML: numbers, bools, lists, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. loss.tau=-0.1)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, teacher:, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "config"
+            lines.append(f"  {where}: {e['msg']}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

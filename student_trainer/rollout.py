@@ -1,0 +1,137 @@
+"""Rollout generation behind a small interface: the student samples completions for prompts.
+
+`Generator.generate(prompts, n, ...)` returns one `Rollout` per (prompt, sample): prompt ids, completion ids
+(ending at EOS or the length limit), whether EOS was reached, and the sampling policy's log-probability of
+each completion token (temperature 1, i.e. the policy itself, before temperature/top-p), which the losses
+use for the stale-policy importance weight. `HFGenerator` uses transformers `generate`; a vLLM generator
+plugs in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: np.ndarray  # float32 [len(completion_ids)]
+    finished: bool  # ended with EOS (else hit max_new_tokens)
+    prompt_index: int  # index of the prompt in the generate() call
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+
+class Generator(abc.ABC):
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Rollout]:
+        """n samples per prompt, ordered prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
+
+
+class _RecordLogprobs(LogitsProcessor):
+    """Records log p(chosen token) under the raw (temperature-1) policy, one [B] vector per step.
+
+    A logits processor sees step t's scores before sampling and step t+1's input ids, whose last column is
+    the token chosen at step t; so it keeps one [B, V] log-softmax and gathers it a step later.
+    Placed first in the processor list, it sees the raw logits.
+    """
+
+    def __init__(self) -> None:
+        self.prev_logp_BV: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._collect(input_ids[:, -1])
+        self.prev_logp_BV = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _collect(self, chosen_B: torch.Tensor) -> None:
+        if self.prev_logp_BV is not None:
+            self.steps.append(self.prev_logp_BV.gather(1, chosen_B[:, None]).squeeze(1))
+            self.prev_logp_BV = None
+
+    def finish(self, sequences_BL: torch.Tensor) -> torch.Tensor:
+        self._collect(sequences_BL[:, -1])
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(sequences_BL.shape[0], 0)
+
+
+class HFGenerator(Generator):
+    """Batched sampling with transformers `generate` (left padding), `batch_size` sequences at a time."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
+
+    @torch.no_grad()
+    def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        if seed is not None:
+            torch.manual_seed(seed)  # transformers samples with the global generator
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Rollout] = []
+        try:
+            for a in range(0, len(expanded), self.batch_size):
+                chunk = expanded[a : a + self.batch_size]
+                width = max(len(p) for _, p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, (_, p) in enumerate(chunk):  # per sequence, left padding
+                    ids[r, width - len(p) :] = torch.tensor(p)
+                    mask[r, width - len(p) :] = 1
+                recorder = _RecordLogprobs()
+                seqs = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=top_p,
+                    top_k=0,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    logits_processor=LogitsProcessorList([recorder]),
+                )
+                completion = seqs[:, width:].cpu()
+                logp = recorder.finish(seqs).cpu()
+                is_eos = completion == eos
+                # length up to and including the first EOS, else all generated tokens
+                has_eos = is_eos.any(dim=1)
+                first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1) + 1, completion.shape[1])
+                for r, (pi, p) in enumerate(chunk):
+                    L = int(first_eos[r])
+                    out.append(
+                        Rollout(
+                            prompt_ids=list(p),
+                            completion_ids=completion[r, :L].tolist(),
+                            behaviour_logprobs=logp[r, :L].numpy().astype(np.float32),
+                            finished=bool(has_eos[r]),
+                            prompt_index=pi,
+                        )
+                    )
+        finally:
+            self.model.train(was_training)
+        return out

@@ -1,0 +1,471 @@
+"""On-policy distillation training loop, top to bottom.
+
+    python -m student_trainer --config run.yaml [key=value ...] [--resume]
+
+setup -> (per step) rollout, streamed to the teacher chunk by chunk -> per-token losses (fused lm_head) ->
+backward over micro-batches -> clip -> step -> log -> eval -> checkpoint.
+
+Shape letters: b = sequences in a micro-batch, L = padded length, D = hidden, N = completion positions
+(packed), K = teacher top-k, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from protocol.schema import ScoreBatch, SequenceResult
+from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from student_trainer.config import RunConfig, dump_config
+from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses
+from student_trainer.rollout import HFGenerator, Rollout
+from student_trainer.teacher_client import TeacherClient, TeacherError
+
+logger = logging.getLogger(__name__)
+
+_OUTAGE_STATUSES = (None, 429, 502, 503)
+
+
+# =====================================================================================================
+# Pure helpers
+# =====================================================================================================
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def lr_lambda(cfg: RunConfig):
+    o, total = cfg.optim, cfg.train.steps
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def completion_positions(prompt_lens_b: np.ndarray, lengths_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence index, hidden row) of every completion position: row t-1 predicts token t, t in [P, L)."""
+    counts = lengths_b - prompt_lens_b
+    seq_N = np.repeat(np.arange(len(counts)), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    row_N = np.arange(int(counts.sum())) - starts + np.repeat(prompt_lens_b, counts) - 1
+    return seq_N, row_N
+
+
+@dataclass
+class Scored:
+    """A chunk of rollouts with its teacher (and, for exopd, reference) scores."""
+
+    rollouts: list[Rollout]
+    teacher: list[SequenceResult] | None
+    ref_logprobs: list[np.ndarray] | None
+    latency_s: float
+    outage_s: float
+
+
+# =====================================================================================================
+# Teacher I/O: scoring with outage tolerance, streamed on a worker thread
+# =====================================================================================================
+
+
+def call_with_outage_retry(fn, what: str, timeout_s: float):
+    """Run `fn`; while the teacher is unreachable/overloaded keep retrying up to `timeout_s`. Returns (result,
+    seconds spent in outage). The client already retries each request with backoff; this outer loop is what
+    keeps a step alive through a teacher restart."""
+    start = time.monotonic()
+    outage = 0.0
+    delay = 1.0
+    while True:
+        t0 = time.monotonic()
+        try:
+            return fn(), outage
+        except TeacherError as exc:
+            if exc.status not in _OUTAGE_STATUSES or time.monotonic() - start > timeout_s:
+                raise
+            logger.warning("teacher outage during %s (%s); rollouts kept, retrying in %.0fs", what, exc, delay)
+            time.sleep(delay)
+            outage += time.monotonic() - t0
+            delay = min(delay * 2, 30.0)
+
+
+class StreamingScorer:
+    """Submits each finished chunk of rollouts to the teacher at once; scoring overlaps the next generation."""
+
+    def __init__(self, teacher: TeacherClient, ref: TeacherClient | None, top_k: int, outage_timeout_s: float):
+        self.teacher, self.ref, self.top_k, self.outage_timeout_s = teacher, ref, top_k, outage_timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="score")
+
+    def submit(self, rollouts: list[Rollout]) -> Future:
+        return self.pool.submit(self._score, rollouts)
+
+    def _score(self, rollouts: list[Rollout]) -> Scored:
+        t0 = time.perf_counter()
+        batch = ScoreBatch.from_sequences([(r.token_ids, len(r.prompt_ids)) for r in rollouts], self.top_k)
+        teacher, outage = call_with_outage_retry(lambda: self.teacher.score_batch(batch).split(), "scoring", self.outage_timeout_s)
+        ref_lps = None
+        if self.ref is not None:
+            ref_batch = ScoreBatch(batch.token_ids_T, batch.lengths_B, batch.score_from_B, top_k=1)
+            ref_rows, ref_outage = call_with_outage_retry(
+                lambda: self.ref.score_batch(ref_batch).split(), "reference scoring", self.outage_timeout_s
+            )
+            ref_lps, outage = [r.token_logprobs for r in ref_rows], outage + ref_outage
+        return Scored(rollouts, teacher, ref_lps, time.perf_counter() - t0, outage)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def wait_for_teacher(client: TeacherClient, wait_s: float, what: str = "teacher") -> None:
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while not client.health():
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"{what} at {client.url} is not reachable after {wait_s:.0f}s; start it (python -m teacher_server "
+                "--model DIR) or fix teacher.url"
+            )
+        if not warned:
+            logger.warning("waiting for the %s at %s (up to %.0fs) ...", what, client.url, wait_s)
+            warned = True
+        time.sleep(2.0)
+
+
+# =====================================================================================================
+# The update: forward micro-batches, fused per-token losses, backward
+# =====================================================================================================
+
+
+def micro_batch_losses(model, mb: list[tuple[Rollout, Any, Any, bool]], cfg: RunConfig, device) -> tuple[Any, int]:
+    """Forward one micro-batch; returns (TokenLosses or NLL stats, N). `mb` items: (rollout, teacher row, ref lp, correct)."""
+    lengths = np.array([len(r.token_ids) for r, *_ in mb])
+    prompt_lens = np.array([len(r.prompt_ids) for r, *_ in mb])
+    b, L = len(mb), int(lengths.max())
+    ids_bL = np.zeros((b, L), dtype=np.int64)
+    mask_bL = np.arange(L)[None, :] < lengths[:, None]
+    ids_bL[mask_bL] = np.concatenate([r.token_ids for r, *_ in mb])
+    input_ids = torch.from_numpy(ids_bL).to(device)
+    hidden_bLD = model.get_decoder()(
+        input_ids=input_ids, attention_mask=torch.from_numpy(mask_bL.astype(np.int64)).to(device)
+    ).last_hidden_state
+    seq_N, row_N = completion_positions(prompt_lens, lengths)
+    seq_t, row_t = torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device)
+    weight_VD = model.get_output_embeddings().weight
+    hidden_ND = hidden_bLD[seq_t, row_t].to(weight_VD.dtype)
+    sampled_N = input_ids[seq_t, row_t + 1]
+    if cfg.loss.mode == "seqkd":  # supervised: -log p_S(teacher token), via the same chunked lm_head
+        stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
+        return stats.lse_N - stats.sampled_logit_N, seq_N
+
+    def cat(parts, dtype):
+        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
+
+    teacher_rows = [t for _, t, _, _ in mb]
+    out = fused_token_losses(
+        hidden_ND,
+        weight_VD,
+        sampled_N,
+        cat([t.token_logprobs for t in teacher_rows], np.float32),
+        cat([t.topk_ids for t in teacher_rows], np.int64),
+        cat([t.topk_logprobs for t in teacher_rows], np.float32),
+        cfg.loss.loss_config(),
+        ref_token_logprobs_N=cat([lp for _, _, lp, _ in mb], np.float32) if cfg.loss.mode == "exopd" else None,
+        correct_N=torch.from_numpy(np.repeat([c for *_, c in mb], lengths - prompt_lens)).to(device)
+        if cfg.loss.mode == "aopd_acc"
+        else None,
+        behaviour_logprobs_N=cat([r.behaviour_logprobs for r, *_ in mb], np.float32)
+        if cfg.loss.importance_correction
+        else None,
+    )
+    return out, seq_N
+
+
+def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, cfg: RunConfig, n_tokens: int, n_seqs: int):
+    """This micro-batch's share of the step loss, so gradients accumulated over micro-batches equal one big batch."""
+    if cfg.loss.reduction == "token":
+        return loss_N.sum() / max(n_tokens, 1)
+    per_token_weight = torch.from_numpy(1.0 / seq_len_b[seq_N]).to(loss_N)
+    return (loss_N * per_token_weight).sum() / max(n_seqs, 1)
+
+
+# =====================================================================================================
+# The run
+# =====================================================================================================
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    from student_trainer.data import PromptSampler, load_problems
+    from student_trainer.evaluate import evaluate, is_correct
+
+    # ---------------------------------------------------------------- setup
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    device, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
+    torch.manual_seed(cfg.train.seed)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
+    model_path = str(ckpt) if ckpt else cfg.model.path
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model.train()
+
+    train_problems = load_problems(
+        cfg.data.train_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
+        apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
+    )
+    eval_problems = (
+        load_problems(
+            cfg.data.eval_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
+            apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
+            limit=cfg.data.eval_limit,
+        )
+        if cfg.data.eval_path
+        else []
+    )
+    sampler = PromptSampler(train_problems, seed=cfg.train.seed)
+    longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
+
+    client_kw = dict(
+        timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries, max_backoff_s=cfg.teacher.max_backoff_s,
+        api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding,
+    )
+    teacher = TeacherClient(cfg.teacher.url, **client_kw)
+    wait_for_teacher(teacher, cfg.teacher.startup_wait_s)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    info = teacher.connect(
+        tokenizer=tokenizer, vocab_size=vocab, top_k=None if cfg.loss.mode == "seqkd" else cfg.teacher.top_k,
+        max_seq_len=longest,
+    )
+    ref = None
+    if cfg.loss.mode == "exopd":
+        if cfg.teacher.ref_url is None:
+            raise SystemExit(
+                "loss.mode=exopd needs reference logprobs: serve the student's initial weights as a second endpoint "
+                f"(python -m teacher_server --model {cfg.model.path} --port 8001) and set teacher.ref_url"
+            )
+        ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
+        wait_for_teacher(ref, cfg.teacher.startup_wait_s, "reference endpoint")
+        ref.connect(tokenizer=tokenizer, vocab_size=vocab, max_seq_len=longest)
+    logger.info("teacher %s (%s, engine %s) ready; student %s on %s", cfg.teacher.url, info.model, info.engine, model_path, device)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start_step = 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = int(state["step"])
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+
+    generator = HFGenerator(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+    scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    tb = None
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(k, v, record["step"])
+
+    def run_eval(step: int) -> dict[str, float]:
+        res = evaluate(
+            generator, tokenizer, eval_problems, n=cfg.train.eval_n, ks=tuple(cfg.train.eval_ks),
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
+            top_p=cfg.rollout.top_p, seed=cfg.train.seed + 7919,
+        )
+        log({"step": step, **res.metrics})
+        logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
+        return res.metrics
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            run_dir, step, model, tokenizer,
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
+            keep=cfg.train.keep_checkpoints,
+        )
+
+    last_eval: dict[str, float] = {}
+    if cfg.train.eval_every and start_step == 0:
+        last_eval = run_eval(0)
+
+    # ---------------------------------------------------------------- steps
+    n_per_step = cfg.rollout.prompts_per_step
+    steps_this_run = 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            t_step = time.perf_counter()
+            problems = sampler.next_batch(n_per_step)
+
+            # ---- rollout, streamed to the teacher chunk by chunk
+            t_gen = 0.0
+            futures: list[Future] = []
+            chunks = [problems[a : a + cfg.rollout.stream_chunk_prompts] for a in range(0, n_per_step, cfg.rollout.stream_chunk_prompts)]
+            pending: list[Rollout] = []
+            for ci, chunk in enumerate(tqdm(chunks, desc=f"rollout {step}", leave=False, disable=not cfg.train.progress or len(chunks) < 4)):
+                t0 = time.perf_counter()
+                seed = cfg.train.seed * 1_000_003 + step * 1009 + ci  # rollouts are a function of (weights, step)
+                if cfg.loss.mode == "seqkd":
+                    comps, _ = call_with_outage_retry(
+                        lambda: teacher.generate(
+                            [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt,
+                            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, seed=seed,
+                        ),
+                        "teacher generation", cfg.teacher.outage_timeout_s,
+                    )
+                    prompt_of = [i for i in range(len(chunk)) for _ in range(cfg.rollout.samples_per_prompt)]
+                    pending += [
+                        Rollout(chunk[i].prompt_ids, c, np.zeros(len(c), np.float32), True, ci * cfg.rollout.stream_chunk_prompts + i)
+                        for i, c in zip(prompt_of, comps, strict=True)
+                    ]
+                else:
+                    rollouts = generator.generate(
+                        [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt,
+                        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, seed=seed,
+                    )
+                    for r in rollouts:
+                        r.prompt_index += ci * cfg.rollout.stream_chunk_prompts
+                    if cfg.rollout.stream:
+                        futures.append(scorer.submit(rollouts))
+                    else:
+                        pending += rollouts  # held back, scored in one request after generation
+                t_gen += time.perf_counter() - t0
+            if not cfg.rollout.stream and cfg.loss.mode != "seqkd":
+                futures.append(scorer.submit(pending))
+            t_wait0 = time.perf_counter()
+            scored = [f.result() for f in futures] if futures else [Scored(pending, None, None, 0.0, 0.0)]
+            t_wait = time.perf_counter() - t_wait0
+            rollouts = [r for s in scored for r in s.rollouts]
+            teacher_rows = [row for s in scored for row in (s.teacher or [None] * len(s.rollouts))]
+            ref_rows = [lp for s in scored for lp in (s.ref_logprobs or [None] * len(s.rollouts))]
+            texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+            correct = [is_correct(t, problems[r.prompt_index].answer) for t, r in zip(texts, rollouts, strict=True)]
+
+            # ---- update: micro-batches accumulate into one step
+            t_up = time.perf_counter()
+            n_tokens = sum(len(r.completion_ids) for r in rollouts)
+            items = list(zip(rollouts, teacher_rows, ref_rows, correct, strict=True))
+            sums: dict[str, float] = {}
+            advantages = []
+            for a in range(0, len(items), cfg.optim.micro_batch_size):
+                mb = items[a : a + cfg.optim.micro_batch_size]
+                out, seq_N = micro_batch_losses(model, mb, cfg, device)
+                seq_len_b = np.array([len(r.completion_ids) for r, *_ in mb], dtype=np.float64)
+                loss_N = out if cfg.loss.mode == "seqkd" else out.loss_N
+                reduce_loss(loss_N, seq_N, seq_len_b, cfg, n_tokens, len(items)).backward()
+                n_mb = int(seq_N.size)
+                if cfg.loss.mode == "seqkd":
+                    sums["loss/nll"] = sums.get("loss/nll", 0.0) + float(loss_N.detach().sum())
+                else:
+                    for k, v in out.metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * n_mb
+                    advantages.append(out.advantage_N.detach().float().cpu())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            t_update = time.perf_counter() - t_up
+
+            # ---- log
+            teacher_s = sum(s.latency_s for s in scored)
+            record: dict[str, Any] = {"step": step}
+            record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
+            if advantages:
+                adv = torch.cat(advantages)
+                for q in (5, 25, 50, 75, 95):
+                    record[f"adv/p{q:02d}"] = float(torch.quantile(adv, q / 100)) if adv.numel() else 0.0
+                if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
+                    counts, edges = advantage_histogram(adv)
+                    record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
+            step_s = time.perf_counter() - t_step
+            record.update({
+                "optim/grad_norm": grad_norm,
+                "optim/lr": scheduler.get_last_lr()[0],
+                "rollout/len_mean": n_tokens / max(len(rollouts), 1),
+                "rollout/finished_frac": float(np.mean([r.finished for r in rollouts])),
+                "rollout/correct_frac": float(np.mean(correct)),
+                "teacher/latency_ms": 1000 * teacher_s / max(len(futures), 1),
+                "teacher/outage_s": sum(s.outage_s for s in scored),
+                "timing/generate_s": t_gen,
+                "timing/score_wait_s": t_wait,
+                # share of teacher time hidden behind generation (1 = fully overlapped)
+                "timing/score_overlap": 1.0 - t_wait / teacher_s if teacher_s > 0 else 1.0,
+                "timing/update_s": t_update,
+                "timing/step_s": step_s,
+                "throughput/tok_per_s": n_tokens / step_s,
+            })
+            log(record)
+            print(
+                f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
+                f"(pg {record.get('loss/pg', 0.0):.4f} div {record.get('loss/div', 0.0):.4f}) | "
+                f"int {record.get('aopd/intervention_ratio', 0.0):.3f} | ent {record.get('policy/entropy', 0.0):.3f} | "
+                f"gn {grad_norm:.3f} | acc {record['rollout/correct_frac']:.3f} | teacher {record['teacher/latency_ms']:.0f}ms "
+                f"overlap {record['timing/score_overlap']:.2f} | {record['throughput/tok_per_s']:.0f} tok/s | {step_s:.2f}s",
+                flush=True,
+            )
+
+            steps_this_run += 1
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                last_eval = run_eval(step)
+            stopping = cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps or stopping:
+                checkpoint(step)
+            if stopping and step != cfg.train.steps:
+                logger.info("stop_after_steps=%d reached at step %d; resume with --resume", cfg.train.stop_after_steps, step)
+                return last_eval
+        if cfg.train.eval_every:
+            last_eval = run_eval(cfg.train.steps)
+    finally:
+        scorer.close()
+        teacher.close()
+        if ref is not None:
+            ref.close()
+        metrics_file.close()
+        if tb is not None:
+            tb.close()
+    return last_eval
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=os.environ.get("AOPD_LOG_LEVEL", level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

@@ -1,0 +1,236 @@
+"""The trainer end to end on CPU against a live teacher server on 127.0.0.1: a few real steps per loss mode,
+metrics.jsonl has every key, the loss goes down on a fixed batch, checkpoint/resume gives identical weights,
+and bad configs / incompatible teachers are refused before training with a message that names the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from student_trainer.config import ConfigError, load_config
+from student_trainer.tiny_models import build_tiny_model
+from student_trainer.train import train
+from teacher_server.app import create_app
+from tests.conftest import LiveServer, teacher_settings
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A smaller student sharing the teacher's tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("student"), hidden_size=64, num_layers=1, num_heads=1,
+                            intermediate_size=128, seed=3, tokenizer_dir=tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher_url(tiny_model_dir):
+    with LiveServer(create_app(teacher_settings(tiny_model_dir, "hf", batch_wait_ms=0))) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def ref_url(student_dir):
+    with LiveServer(create_app(teacher_settings(student_dir, "hf"))) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("data")
+    train_rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4)]
+    eval_rows = [{"prompt": f"{a} + {a} =", "answer": str(2 * a)} for a in range(1, 4)]
+    for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
+        (d / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d / "train.jsonl", d / "eval.jsonl"
+
+
+def make_cfg(student_dir, teacher_url, data_files, run_dir, *overrides):
+    return load_config(None, [
+        f"model.path={student_dir}", f"teacher.url={teacher_url}", "teacher.top_k=8",
+        f"data.train_path={data_files[0]}", f"data.eval_path={data_files[1]}", "data.apply_chat_template=false",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
+        "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3",
+        f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=2", "train.eval_n=2", "train.eval_ks=[1,2]",
+        "train.progress=false", "train.hist_every=1", *overrides,
+    ])
+
+
+REQUIRED_KEYS = [
+    "loss/total", "loss/pg", "loss/div", "aopd/intervention_ratio", "policy/entropy", "optim/grad_norm",
+    "adv/frac_pos", "adv/frac_zero", "adv/frac_neg", "adv/p05", "adv/p50", "adv/p95", "adv/hist_counts",
+    "conf/gap_sampled", "conf/gap_top1", "teacher/latency_ms", "timing/score_overlap", "throughput/tok_per_s",
+    "rollout/len_mean",
+]
+
+
+@pytest.mark.parametrize("mode", ["opd", "aopd", "aopd_add", "gkd", "aopd_zero", "aopd_acc", "exopd", "seqkd"])
+def test_each_mode_trains_and_logs_every_key(mode, student_dir, teacher_url, ref_url, data_files, tmp_path):
+    extra = [f"loss.mode={mode}"] + ([f"teacher.ref_url={ref_url}"] if mode == "exopd" else [])
+    cfg = make_cfg(student_dir, teacher_url, data_files, tmp_path / mode, *extra)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "optim/grad_norm" in r]
+    evals = [r for r in records if "eval/pass@1" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["step"] for r in evals] == [0, 2] and "eval/pass@2" in evals[0]
+    keys = ["loss/nll", "optim/grad_norm"] if mode == "seqkd" else REQUIRED_KEYS
+    for key in keys:
+        assert key in steps[0], key
+    assert all(torch.isfinite(torch.tensor(r["optim/grad_norm"])) for r in steps)
+    ckpt = tmp_path / mode / "checkpoints" / "step_000002"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
+    assert (tmp_path / mode / "config.yaml").is_file()
+
+
+def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, tmp_path):
+    """Repeated updates on one batch of rollouts (fixed teacher scores) must reduce the GKD divergence."""
+    from student_trainer.data import load_problems
+    from student_trainer.losses import LossConfig
+    from student_trainer.rollout import HFGenerator
+    from student_trainer.teacher_client import TeacherClient
+    from student_trainer.train import micro_batch_losses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_cfg(student_dir, teacher_url, data_files, tmp_path, "loss.mode=gkd")
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir))
+    problems = load_problems(str(data_files[0]), tok, apply_chat_template=False)[:4]
+    rollouts = HFGenerator(model, tok).generate([p.prompt_ids for p in problems], 2, max_new_tokens=6, seed=0)
+    with TeacherClient(teacher_url) as t:
+        rows = t.score([(r.token_ids, len(r.prompt_ids)) for r in rollouts], top_k=8)
+    items = [(r, row, None, False) for r, row in zip(rollouts, rows, strict=True)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out, _ = micro_batch_losses(model, items, cfg, torch.device("cpu"))
+        loss = out.loss_N.mean()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert LossConfig(mode="gkd").mode == "gkd"
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_interrupted_then_resumed_run_reaches_the_same_weights(student_dir, teacher_url, data_files, tmp_path):
+    common = ["loss.mode=aopd", "train.steps=4", "train.eval_every=0", "train.save_every=1",
+              "rollout.stream_chunk_prompts=4"]
+    train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "full", *common))
+    train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "split", *common, "train.stop_after_steps=2"))
+    assert (tmp_path / "split" / "checkpoints" / "step_000002").is_dir()
+    assert not (tmp_path / "split" / "checkpoints" / "step_000004").exists()
+    train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "split", *common), resume=True)
+    a = _weights(tmp_path / "full" / "checkpoints" / "step_000004")
+    b = _weights(tmp_path / "split" / "checkpoints" / "step_000004")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    init = load_file(str(student_dir / "model.safetensors"))
+    assert any(not torch.equal(a[k], init[k]) for k in a), "training changed nothing"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.mode=bogus", "loss.mode"),
+    ("loss.beta=2", "beta=2"),
+    ("loss.support_norm=teacher", None),  # valid with beta=0
+    ("train.eval_ks=[1,8]", "eval_ks"),
+    ("optim.lr=-1", "optim.lr"),
+    ("nonsense=1", "nonsense"),
+])
+def test_invalid_config_refused_with_message(override, message, student_dir, data_files, tmp_path):
+    args = [f"model.path={student_dir}", "teacher.url=http://127.0.0.1:1", f"data.train_path={data_files[0]}",
+            f"data.eval_path={data_files[1]}", override]
+    if message is None:
+        load_config(None, args)
+        return
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, args)
+
+
+def test_incompatible_teacher_refused_before_training(student_dir, teacher_url, data_files, tmp_path, other_model_dir):
+    from student_trainer.teacher_client import TeacherIncompatibleError
+
+    with pytest.raises(TeacherIncompatibleError, match="--max-top-k 64"):
+        train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "k", "teacher.top_k=64"))
+    with pytest.raises(TeacherIncompatibleError, match="max_seq_len"):
+        train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "len", "rollout.max_new_tokens=1000"))
+    other_student = build_tiny_model(tmp_path / "other_student", hidden_size=64, num_layers=1, tokenizer_dir=other_model_dir)
+    with pytest.raises(TeacherIncompatibleError, match="tokenizer mismatch"):
+        train(make_cfg(other_student, teacher_url, data_files, tmp_path / "tok"))
+    with pytest.raises(ValueError, match="data.prompt_field"):
+        train(make_cfg(student_dir, teacher_url, data_files, tmp_path / "field", "data.prompt_field=question"))
+    assert not (tmp_path / "k" / "metrics.jsonl").exists() or (tmp_path / "k" / "metrics.jsonl").read_text() == ""
+
+
+def test_cli_runs_two_steps(student_dir, teacher_url, data_files, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"""
+model: {{path: {student_dir}}}
+teacher: {{url: "{teacher_url}", top_k: 8}}
+data: {{train_path: {data_files[0]}, apply_chat_template: false}}
+rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_new_tokens: 4}}
+train: {{steps: 2, run_dir: {tmp_path / 'run'}, progress: false}}
+""")
+    r = subprocess.run([sys.executable, "-m", "student_trainer", "--config", str(cfg_file), "loss.mode=opd",
+                        "train.tensorboard=true"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 00002/00002" in r.stdout
+    assert any((tmp_path / "run" / "tb").iterdir()), "tensorboard event file"
+    bad = subprocess.run([sys.executable, "-m", "student_trainer", "--config", str(cfg_file), "loss.tau=abc"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "loss.tau" in bad.stderr
+
+
+def test_teacher_down_at_startup_is_waited_for_and_outage_mid_run_is_survived(
+    student_dir, tiny_model_dir, data_files, tmp_path, monkeypatch
+):
+    """The teacher comes up 3 s after the trainer starts; at step 2 it is shut down and comes back 4 s later.
+    The run waits, retries with backoff, keeps its rollouts, finishes every step, and logs the outage."""
+    import threading
+    import time
+
+    from student_trainer.train import StreamingScorer
+    from tests.conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    servers = []
+
+    def serve_after(delay: float) -> None:
+        time.sleep(delay)
+        server = LiveServer(create_app(teacher_settings(tiny_model_dir, "hf")))
+        server.port, server.url, server.server.config.port = port, url, port
+        servers.append(server.__enter__())
+
+    threading.Thread(target=serve_after, args=(3.0,), daemon=True).start()
+    calls = []
+    original = StreamingScorer._score
+
+    def score_with_outage(self, rollouts):
+        calls.append(1)
+        if len(calls) == 3:  # first chunk of step 2: the teacher goes away now, back in 4 s
+            servers[-1].__exit__(None, None, None)
+            threading.Thread(target=serve_after, args=(4.0,), daemon=True).start()
+        return original(self, rollouts)
+
+    monkeypatch.setattr(StreamingScorer, "_score", score_with_outage)
+    cfg = make_cfg(student_dir, url, data_files, tmp_path / "run", "loss.mode=opd", "train.steps=3",
+                   "train.eval_every=0", "teacher.max_backoff_s=1", "teacher.max_retries=2")
+    t0 = time.monotonic()
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "optim/grad_norm" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[1]["teacher/outage_s"] > 0 and steps[0]["teacher/outage_s"] == 0
+    assert time.monotonic() - t0 > 7.0
+    servers[-1].__exit__(None, None, None)
