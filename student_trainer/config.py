@@ -126,6 +126,10 @@ class TrainSection(_Section):
         "--resume. For preemptible / time-sliced jobs."
     )
     hist_every: int = Field(10, ge=0, description="Log the advantage histogram every N steps (0 = never).")
+    dump_rollouts_every: int = Field(
+        0, ge=0, description="Every N steps write the step's rollouts with per-token mask, advantage and teacher "
+        "top-k entropy to <run_dir>/rollouts.jsonl, for post-hoc analysis (0 = never)."
+    )
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to <run_dir>/tb.")
     progress: bool = Field(True, description="Progress bars for long phases (generation, evaluation).")
 

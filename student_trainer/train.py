@@ -200,12 +200,32 @@ def micro_batch_losses(model, mb: list[tuple[Rollout, Any, Any, bool]], cfg: Run
     return out, seq_N
 
 
+def topk_entropy(topk_logprobs_NK: np.ndarray) -> np.ndarray:
+    """Entropy of the teacher's distribution renormalised on its top-k: how uncertain the teacher is there."""
+    lp = topk_logprobs_NK.astype(np.float64)
+    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    return -(np.exp(lp) * lp).sum(axis=1)
+
+
 def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, cfg: RunConfig, n_tokens: int, n_seqs: int):
     """This micro-batch's share of the step loss, so gradients accumulated over micro-batches equal one big batch."""
     if cfg.loss.reduction == "token":
         return loss_N.sum() / max(n_tokens, 1)
     per_token_weight = torch.from_numpy(1.0 / seq_len_b[seq_N]).to(loss_N)
     return (loss_N * per_token_weight).sum() / max(n_seqs, 1)
+
+
+def dump_rollouts(path: Path, step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> None:
+    """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy."""
+    offsets = np.cumsum([0] + [len(r.completion_ids) for r in rollouts])
+    with open(path, "a") as f:
+        for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
+            a, b = offsets[i], offsets[i + 1]
+            f.write(json.dumps({
+                "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
+                "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
+                "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
+            }) + "\n")
 
 
 # =====================================================================================================
@@ -385,7 +405,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             n_tokens = sum(len(r.completion_ids) for r in rollouts)
             items = list(zip(rollouts, teacher_rows, ref_rows, correct, strict=True))
             sums: dict[str, float] = {}
-            advantages = []
+            advantages, masks = [], []
             for a in range(0, len(items), cfg.optim.micro_batch_size):
                 mb = items[a : a + cfg.optim.micro_batch_size]
                 out, seq_N = micro_batch_losses(model, mb, cfg, device)
@@ -399,6 +419,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                     for k, v in out.metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * n_mb
                     advantages.append(out.advantage_N.detach().float().cpu())
+                    masks.append(out.mask_N.detach().cpu())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
             optimizer.step()
             scheduler.step()
@@ -416,6 +437,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                 if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
                     counts, edges = advantage_histogram(adv)
                     record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
+            if masks:
+                mask_N = torch.cat(masks).numpy()
+                ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in teacher_rows])
+                record["teacher/topk_entropy_masked"] = float(ent_N[mask_N].mean()) if mask_N.any() else 0.0
+                record["teacher/topk_entropy_unmasked"] = float(ent_N[~mask_N].mean()) if (~mask_N).any() else 0.0
+                if cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0:
+                    dump_rollouts(run_dir / "rollouts.jsonl", step, rollouts, problems, correct, mask_N, torch.cat(advantages).numpy(), ent_N)
             step_s = time.perf_counter() - t_step
             record.update({
                 "optim/grad_norm": grad_norm,

@@ -56,7 +56,7 @@ def make_cfg(student_dir, teacher_url, data_files, run_dir, *overrides):
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
         "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3",
         f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=2", "train.eval_n=2", "train.eval_ks=[1,2]",
-        "train.progress=false", "train.hist_every=1", *overrides,
+        "train.progress=false", "train.hist_every=1", "train.dump_rollouts_every=2", *overrides,
     ])
 
 
@@ -64,7 +64,7 @@ REQUIRED_KEYS = [
     "loss/total", "loss/pg", "loss/div", "aopd/intervention_ratio", "policy/entropy", "optim/grad_norm",
     "adv/frac_pos", "adv/frac_zero", "adv/frac_neg", "adv/p05", "adv/p50", "adv/p95", "adv/hist_counts",
     "conf/gap_sampled", "conf/gap_top1", "teacher/latency_ms", "timing/score_overlap", "throughput/tok_per_s",
-    "rollout/len_mean",
+    "rollout/len_mean", "teacher/topk_entropy_masked", "teacher/topk_entropy_unmasked",
 ]
 
 
@@ -85,6 +85,9 @@ def test_each_mode_trains_and_logs_every_key(mode, student_dir, teacher_url, ref
     ckpt = tmp_path / mode / "checkpoints" / "step_000002"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
     assert (tmp_path / mode / "config.yaml").is_file()
+    if mode != "seqkd":
+        dumped = [json.loads(x) for x in (tmp_path / mode / "rollouts.jsonl").read_text().splitlines()]
+        assert len(dumped) == 8 and all(len(d["mask"]) == len(d["completion_ids"]) == len(d["advantage"]) for d in dumped)
 
 
 def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, tmp_path):
