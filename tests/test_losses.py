@@ -326,13 +326,15 @@ def test_teacher_support_norm_gradient_closed_form_pushes_down_outside_support()
 
 @pytest.mark.parametrize("beta", [0.25, 0.5, 0.8])
 def test_generalised_jsd_gradcheck(beta):
-    batch = make_batch(n=5, v=7, k=3, seed=7)
+    batch = make_batch(n=4, v=6, k=3, seed=7)
     cfg = LossConfig(mode="gkd", beta=beta)
 
     def divergence(logits_NV):
         return run(batch, cfg, logits_NV=logits_NV).loss_N
 
-    assert torch.autograd.gradcheck(divergence, (batch["logits_NV"].clone().requires_grad_(),))
+    # The full Jacobian at beta = 0.5, gradcheck's cheaper random-projection mode at the other values.
+    logits_NV = batch["logits_NV"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(divergence, (logits_NV,), fast_mode=beta != 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,14 +452,16 @@ def test_full_support_equals_full_vocabulary_divergence(cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [LossConfig(mode="gkd", beta=b) for b in (0.0, 0.1, 0.5, 0.9, 1.0)] + [LossConfig(mode="gkd", support_norm="teacher")],
+    [LossConfig(mode="gkd", beta=b) for b in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    + [LossConfig(mode="gkd", support_norm="teacher")],
     ids=lambda c: f"b{c.beta}-{c.support_norm}",
 )
 def test_divergences_are_non_negative_without_clamping(cfg):
     batch = make_batch(n=200, v=30, k=8, seed=15)
     out = run(batch, cfg)
     assert torch.all(out.div_loss_N >= 0)
-    assert (out.div_loss_N > 0).sum() >= 190  # only the empty-support row (and none other) is exactly 0
+    assert out.div_loss_N[1] == 0.0  # the empty support
+    assert torch.all(out.div_loss_N[2:] > 0) and out.div_loss_N[0] > 0
     # Identical distributions on the support: D ~ 0 without being clamped there.
     same = make_batch(n=20, v=30, k=30, seed=16, pad=False)
     same["logits_NV"] = same["teacher_lp_NV"] + 3.0
@@ -479,6 +483,19 @@ def test_padding_entries_are_not_part_of_the_support():
         pad, grad_pad = grad_of(padded, cfg)
         torch.testing.assert_close(pad.loss_N, plain.loss_N, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_pad, grad_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_no_top_k_at_all():
+    """K = 0 (a teacher asked for no top-k): OPD is unchanged, the divergence is 0 and still backpropagates."""
+    batch = make_batch(n=8, seed=21, pad=False)
+    empty = {**batch, "topk_ids_NK": batch["topk_ids_NK"][:, :0], "topk_lp_NK": batch["topk_lp_NK"][:, :0]}
+    opd, grad_opd = grad_of(batch, LossConfig(mode="opd"))
+    opd_k0, grad_opd_k0 = grad_of(empty, LossConfig(mode="opd"))
+    torch.testing.assert_close(opd_k0.loss_N, opd.loss_N, rtol=0, atol=0)
+    torch.testing.assert_close(grad_opd_k0, grad_opd, rtol=0, atol=0)
+    gkd, grad_gkd = grad_of(empty, LossConfig(mode="gkd"))
+    assert torch.all(gkd.loss_N == 0) and torch.all(grad_gkd == 0)
+    assert all(math.isfinite(float(v)) for v in gkd.metrics.values())
 
 
 ALL_CONFIGS = [LossConfig(mode=m, beta=b) for m in MODES for b in (0.0, 0.5, 1.0)] + [
