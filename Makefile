@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m student_trainer.demo
+	$(PY) -m toy.demo
 
 bench: $(STAMP)
 	$(PY) bench/codec.py

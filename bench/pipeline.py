@@ -86,9 +86,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from student_trainer import train as train_mod
     from student_trainer.config import load_config
-    from student_trainer.demo import teacher_process
+    from teacher_server.process import free_port, serve_in_subprocess
     from student_trainer.tiny_models import build_tiny_model
-    from tests.conftest import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="aopd-bench-pipeline-"))
     teacher_dir = build_tiny_model(tmp / "teacher", hidden_size=a.teacher_hidden, num_layers=a.teacher_layers,
@@ -114,7 +113,7 @@ def main() -> None:
     results = {}
     env_threads = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env_threads)
-    with teacher_process(str(teacher_dir), free_port(), "--dtype", "float32", "--max-top-k", "32") as url:
+    with serve_in_subprocess(str(teacher_dir), free_port(), "--dtype", "float32", "--max-top-k", "32") as url:
         for name, extra in (("stream", []), ("sequential", ["rollout.stream=false"])):
             t0 = time.perf_counter()
             train_mod.train(cfg(name, url, *extra))

@@ -40,7 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from teacher_server.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        )
+    )
+    app.state.server = server
+    server.run()
+    if app.state.engine_failed:
+        logging.getLogger("teacher_server").error("exiting with status 3: the engine failed")
+        return 3
     return 0
 
 

@@ -6,6 +6,8 @@ given), so tests can wrap any engine. Every error, ours or FastAPI's, leaves as 
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -137,6 +139,19 @@ def validate_batch(batch: ScoreBatch, settings: Settings, info) -> None:
         )
 
 
+async def _watch_engine(app: FastAPI, eng: ScoringEngine, period_s: float = 1.0) -> None:
+    """If the engine dies, /health and every request answer 503 (ready_engine checks healthy()), and the process
+    is asked to stop so that its orchestrator restarts it (`python -m teacher_server` then exits non-zero)."""
+    while True:
+        await asyncio.sleep(period_s)
+        if not eng.healthy():
+            logger.error("the %s engine is no longer healthy: answering 503 and shutting down", eng.info.engine)
+            app.state.engine_failed = True
+            if app.state.server is not None:
+                app.state.server.should_exit = True
+            return
+
+
 def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAPI:
     metrics = Metrics()
 
@@ -147,9 +162,11 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
         await eng.start()
         app.state.engine = eng
         logger.info("teacher ready: %s", eng.info)
+        watchdog = asyncio.create_task(_watch_engine(app, eng))
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.engine = None
             await eng.close()
 
@@ -162,8 +179,29 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
         lifespan=lifespan,
     )
     app.state.engine = None
+    app.state.engine_failed = False
+    app.state.admitted = 0
+    app.state.server = None  # set by __main__ to the uvicorn.Server, so a dead engine can stop the process
     app.state.settings = settings
     app.state.metrics = metrics
+
+    def admit(request: Request) -> None:
+        """Auth, then the bounded queue: beyond max_queued_requests a request is refused (429), not buffered."""
+        if settings.api_key is not None:
+            header = request.headers.get("authorization", "")
+            expected = f"Bearer {settings.api_key.get_secret_value()}"
+            if not hmac.compare_digest(header.encode(), expected.encode()):
+                raise ProtocolError(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key / TEACHER_API_KEY)",
+                    error_type="unauthorized",
+                    status=401,
+                )
+        if app.state.admitted >= settings.max_queued_requests:
+            raise ProtocolError(
+                f"the teacher is at capacity ({settings.max_queued_requests} requests admitted); retry later",
+                error_type="overloaded",
+                status=429,
+            )
 
     def ready_engine(request: Request) -> ScoringEngine:
         eng = request.app.state.engine
@@ -178,8 +216,10 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, exc: ProtocolError):
         resp = error_response(exc.status, exc.error_type, str(exc), metrics)
-        if exc.status == 503:
-            resp.headers["Retry-After"] = "5"
+        if exc.status in (429, 503):
+            resp.headers["Retry-After"] = "1" if exc.status == 429 else "5"
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = "Bearer"
         return resp
 
     @app.exception_handler(RequestValidationError)
@@ -248,8 +288,12 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
     async def score(request: Request) -> Response:
         t0 = time.perf_counter()
         status = 500
-        metrics.in_flight.inc()
+        admitted = False
         try:
+            admit(request)
+            app.state.admitted += 1
+            admitted = True
+            metrics.in_flight.inc()
             eng = ready_engine(request)
             media = _media_type(request.headers.get("content-type"))
             if media not in (JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE):
@@ -273,7 +317,9 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             status = exc.status
             raise
         finally:
-            metrics.in_flight.dec()
+            if admitted:
+                app.state.admitted -= 1
+                metrics.in_flight.dec()
             metrics.requests.labels(route="/v1/score", status=str(status)).inc()
             metrics.latency.labels(route="/v1/score").observe(time.perf_counter() - t0)
 
@@ -281,7 +327,11 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
     async def generate(request: Request) -> Response:
         t0 = time.perf_counter()
         status = 500
+        admitted = False
         try:
+            admit(request)
+            app.state.admitted += 1
+            admitted = True
             eng = ready_engine(request)
             if _media_type(request.headers.get("content-type")) != JSON_MEDIA_TYPE:
                 raise ProtocolError(f"Content-Type must be {JSON_MEDIA_TYPE}", error_type="unsupported_media_type", status=415)
@@ -305,6 +355,8 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             status = exc.status
             raise
         finally:
+            if admitted:
+                app.state.admitted -= 1
             metrics.requests.labels(route="/v1/generate", status=str(status)).inc()
             metrics.latency.labels(route="/v1/generate").observe(time.perf_counter() - t0)
 

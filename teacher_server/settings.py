@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enable_prefix_caching: bool = Field(False, description="vLLM prefix cache (prompt logprobs skip reading it).")
+    api_key: SecretStr | None = Field(
+        None, description="When set, /v1/score and /v1/generate require 'Authorization: Bearer <key>' (/health stays open)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests admitted at once (queued or running); beyond it: 429 with Retry-After."
+    )
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     log_level: str = Field("info")
 
     @model_validator(mode="after")

