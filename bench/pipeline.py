@@ -113,7 +113,8 @@ def main() -> None:
     results = {}
     env_threads = {"OMP_NUM_THREADS": "1"}
     os.environ.update(env_threads)
-    with serve_in_subprocess(str(teacher_dir), free_port(), "--dtype", "float32", "--max-top-k", "32") as url:
+    with serve_in_subprocess(str(teacher_dir), free_port(), "--dtype", "float32", "--max-top-k", "32") as teacher:
+        url = teacher.url
         for name, extra in (("stream", []), ("sequential", ["rollout.stream=false"])):
             t0 = time.perf_counter()
             train_mod.train(cfg(name, url, *extra))

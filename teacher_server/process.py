@@ -1,7 +1,7 @@
 """Run `python -m teacher_server` in a subprocess for the length of a `with` block (demo, benchmarks, tests).
 
-    with serve_in_subprocess("toy/assets/teacher", port=8000, "--engine", "hf") as url:
-        ...  # the server is healthy here; it is stopped on exit, also on Ctrl-C or an exception
+    with serve_in_subprocess("toy/assets/teacher", 8000, "--engine", "hf") as teacher:
+        teacher.url, teacher.pid   # the server is healthy here; it is stopped on exit, also on Ctrl-C or an exception
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 
@@ -22,8 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class TeacherProcess:
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def serve_in_subprocess(model_dir: str, port: int | None = None, *extra: str, start_timeout_s: float = 300) -> Iterator[str]:
+def serve_in_subprocess(
+    model_dir: str, port: int | None = None, *extra: str, start_timeout_s: float = 300
+) -> Iterator[TeacherProcess]:
     port = free_port() if port is None else port
     cmd = [sys.executable, "-m", "teacher_server", "--model", model_dir, "--port", str(port), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd)
@@ -41,7 +50,7 @@ def serve_in_subprocess(model_dir: str, port: int | None = None, *extra: str, st
             if time.monotonic() > deadline:
                 raise RuntimeError(f"teacher server did not become healthy within {start_timeout_s:.0f}s")
             time.sleep(0.3)
-        yield url
+        yield TeacherProcess(url, proc.pid)
     finally:
         proc.terminate()
         try:
