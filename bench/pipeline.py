@@ -1,6 +1,6 @@
 """Trainer pipeline benchmark: streaming vs sequential rollout->score->update, HTTP teacher vs in-process.
 
-    python bench/pipeline.py [--steps 6] [--teacher-hidden 384] [--teacher-layers 6] [--max-new-tokens 48]
+    python bench/pipeline.py [--steps 6] [--teacher-hidden 256] [--teacher-layers 4] [--max-new-tokens 48]
 
 Builds a teacher and a smaller student (tiny Qwen3s sharing one tokenizer) offline, starts the teacher server
 (`python -m teacher_server`, hf engine) on 127.0.0.1, and runs the real trainer (`student_trainer.train.train`)
@@ -39,6 +39,8 @@ class InProcessTeacher:
         from teacher_server.settings import Settings
 
         self.url = f"inproc://{model_dir}"
+        # one forward at a time, as the server's single engine worker does: same compute, no HTTP
+        self.lock = __import__("threading").Lock()
         self.engine = HFEngine(Settings(model=model_dir, dtype="float32", max_top_k=64))
         asyncio.run(self.engine.start())  # loads the model; the batcher task is not used here
 
@@ -54,7 +56,8 @@ class InProcessTeacher:
                             max_sequences_per_request=1 << 20, max_seq_len=i.max_seq_len, max_body_bytes=1 << 30)
 
     def score_batch(self, batch):
-        return self.engine._score_jobs([batch])[0]
+        with self.lock:
+            return self.engine._score_jobs([batch])[0]
 
     def close(self) -> None:
         pass
@@ -70,8 +73,8 @@ def median_step(run_dir: Path) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--teacher-hidden", type=int, default=384)
-    p.add_argument("--teacher-layers", type=int, default=6)
+    p.add_argument("--teacher-hidden", type=int, default=256)
+    p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--student-hidden", type=int, default=128)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--prompts-per-step", type=int, default=16)
