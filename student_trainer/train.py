@@ -497,3 +497,4 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=os.environ.get("AOPD_LOG_LEVEL", level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the step lines
