@@ -299,3 +299,15 @@ def test_changed_hook_points_fail_loudly(monkeypatch, attr, value, message):
         monkeypatch.setattr(LogprobsProcessor, attr, value)
     with pytest.raises(RuntimeError, match=message):
         check_vllm_compat()
+
+
+def test_generate_matches_hf_greedy_and_respects_n_and_limits(loop, vllm_engine, hf_engine):
+    """SeqKD's /v1/generate on vLLM: greedy completions equal the transformers engine's, n per prompt, EOS or limit."""
+    prompts = [[2, 10, 11, 12], [2, 40, 41]]
+    got = loop.run(vllm_engine.generate(prompts, 2, 12, 0.0, 1.0, 0))
+    ref = loop.run(hf_engine.generate(prompts, 2, 12, 0.0, 1.0, 0))
+    assert len(got) == 4
+    assert got == ref, (got, ref)
+    sampled = loop.run(vllm_engine.generate(prompts, 3, 8, 1.0, 1.0, 1))
+    eos = vllm_engine._eos
+    assert len(sampled) == 6 and all(1 <= len(c) <= 8 + 1 and (len(c) <= 8 or c[-1] == eos) for c in sampled)

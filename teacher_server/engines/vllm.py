@@ -227,6 +227,7 @@ class VLLMEngine(ScoringEngine):
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._loop = asyncio.get_running_loop()
         mc = self._llm.model_config
+        self._eos = tokenizer.eos_token_id
         self.info = EngineInfo(
             model=s.model_name or os.path.basename(os.path.normpath(s.model)),
             engine="vllm",
@@ -377,3 +378,38 @@ class VLLMEngine(ScoringEngine):
             token_logprobs_N=lp_N, topk_ids_NK=ids_NK, topk_logprobs_NK=lps_NK, num_scored_B=num_scored_B,
             model=self.info.model,
         )
+
+    # ------------------------------------------------------------------------------------------------------
+    # generation (SeqKD's teacher-written completions)
+    # ------------------------------------------------------------------------------------------------------
+
+    async def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
+        """n samples per prompt through vLLM's own sampler; each completion ends with EOS or at the limit."""
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        eos = self._eos
+
+        async def one(i: int, prompt: list[int]) -> list[list[int]]:
+            greedy = temperature == 0  # vLLM refuses n > 1 for greedy: sample once, repeat
+            params = SamplingParams(
+                n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+                seed=None if seed is None else seed + i,  # distinct per prompt, reproducible per request
+                stop_token_ids=[eos] if eos is not None else None, detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            final = None
+            async for out in self._llm.generate(tokens_input(list(prompt)), params, request_id=f"gen-{next(self._request_ids)}"):
+                final = out
+            completions = []
+            for c in sorted(final.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                if c.finish_reason == "stop" and eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)  # vLLM may leave the stop token out; the contract keeps EOS
+                completions.append(ids)
+            return completions * n if greedy else completions
+
+        try:
+            per_prompt = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+        except EngineDeadError as exc:
+            raise ProtocolError("the vLLM engine has died; restart the teacher", error_type="engine_unavailable", status=503) from exc
+        return [c for cs in per_prompt for c in cs]
