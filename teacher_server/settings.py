@@ -49,6 +49,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            self.api_key = None  # TEACHER_API_KEY="" (e.g. an unset compose variable) means no auth
         if self.max_top_k > 4096:
             raise ValueError(f"max_top_k={self.max_top_k} is unreasonably large; use at most 4096")
         return self
