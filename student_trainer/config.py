@@ -28,7 +28,10 @@ class ModelSection(_Section):
 
 
 class TeacherSection(_Section):
-    url: str | None = Field(None, description="Teacher scoring endpoint, e.g. http://teacher:8000 (required except seqkd-free runs).")
+    url: str | None = Field(
+        None, description="Teacher endpoint, e.g. http://teacher:8000; several replicas comma-separated "
+        "(requests go to the least busy; a failed one is skipped and taken back when healthy)."
+    )
     ref_url: str | None = Field(
         None,
         description="exopd only: a second scoring endpoint serving the student's initial weights (python -m "

@@ -32,6 +32,7 @@ from student_trainer.config import RunConfig, dump_config
 from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses
 from student_trainer.rollout import HFGenerator, Rollout
 from student_trainer.teacher_client import TeacherClient, TeacherError
+from student_trainer.teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries, max_backoff_s=cfg.teacher.max_backoff_s,
         api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding,
     )
-    teacher = TeacherClient(cfg.teacher.url, **client_kw)
+    urls = [u.strip() for u in cfg.teacher.url.split(",") if u.strip()]
+    teacher = TeacherClient(urls[0], **client_kw) if len(urls) == 1 else TeacherPool(urls, **client_kw)
     wait_for_teacher(teacher, cfg.teacher.startup_wait_s)
     vocab = model.get_output_embeddings().weight.shape[0]
     info = teacher.connect(

@@ -237,3 +237,11 @@ def test_teacher_down_at_startup_is_waited_for_and_outage_mid_run_is_survived(
     assert steps[1]["teacher/outage_s"] > 0 and steps[0]["teacher/outage_s"] == 0
     assert time.monotonic() - t0 > 7.0
     servers[-1].__exit__(None, None, None)
+
+
+def test_training_against_a_comma_separated_list_of_teachers(student_dir, teacher_url, data_files, tmp_path):
+    cfg = make_cfg(student_dir, f"{teacher_url},{teacher_url}/", data_files, tmp_path / "pool", "loss.mode=aopd",
+                   "train.eval_every=0")
+    train(cfg)
+    steps = [json.loads(x) for x in (tmp_path / "pool" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2]
