@@ -74,6 +74,11 @@ class RolloutSection(_Section):
         True, description="Stream chunks to the teacher during generation (false: generate everything, then score; "
         "for comparison, see bench/pipeline.py)."
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Student sampler: transformers generate, or a vLLM engine that reloads the weights after "
+        "every optimizer step (its sampling logprobs feed loss.importance_correction)."
+    )
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of the student's vLLM engine.")
     generation_batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
 
 

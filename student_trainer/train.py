@@ -308,7 +308,15 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
-    generator = HFGenerator(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+    if cfg.rollout.engine == "vllm":
+        from student_trainer.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(
+            model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
+        )
+    else:
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
     scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     tb = None
@@ -426,6 +434,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.rollout.engine == "vllm":
+                generator.load_weights(model)  # the next rollouts sample from the updated policy
             t_update = time.perf_counter() - t_up
 
             # ---- log
@@ -485,6 +495,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         if cfg.train.eval_every:
             last_eval = run_eval(cfg.train.steps)
     finally:
+        if hasattr(generator, "close"):
+            generator.close()
         scorer.close()
         teacher.close()
         if ref is not None:

@@ -1,0 +1,89 @@
+"""vLLM rollout engine for the student: `VLLMGenerator` behind the same `Generator` interface as `HFGenerator`.
+
+The student samples with vLLM; after every optimizer step the trainer calls `load_weights(model)`, which writes
+the new weights as safetensors (to /dev/shm when it exists) and has the running engine reload them
+(`collective_rpc("reload_weights", weights_path=...)`, then `reset_prefix_cache()`; the path that works on
+vLLM's CPU build, see shared/guides/environment.md). The sampled tokens' log-probabilities come from vLLM
+(`logprobs_mode="raw_logprobs"`: the policy itself, before temperature/top-p), so the trainer can apply the
+stale-policy / engine-mismatch importance correction (`loss.importance_correction`).
+
+Only this module (on the trainer side) imports vllm.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from student_trainer.rollout import Generator, Rollout
+
+
+class VLLMGenerator(Generator):
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer,
+        *,
+        dtype: str = "auto",
+        max_model_len: int,
+        gpu_memory_utilization: float = 0.3,
+        seed: int = 0,
+        weights_dir: str | None = None,
+    ):
+        import torch
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kwargs = dict(
+            model=model_dir, dtype=dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+            max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, max_logprobs=1,
+            logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.eos = tokenizer.eos_token_id
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm)
+
+    def load_weights(self, model) -> None:
+        """Push the trainer's current weights into the running engine."""
+        model.save_pretrained(self.weights_dir, safe_serialization=True)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = temperature == 0  # vLLM refuses n > 1 when greedy: sample once, repeat
+        params = SamplingParams(
+            n=1 if greedy else n, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
+            seed=seed, logprobs=0, flat_logprobs=True, detokenize=False,
+            stop_token_ids=[self.eos] if self.eos is not None else None,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        rollouts: list[Rollout] = []
+        for pi, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if greedy:
+                comps = comps * n
+            for c in comps:
+                ids = list(c.token_ids)
+                # logprobs=0: one entry per generated position, the sampled token's (flat lists, no dicts)
+                lps = np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None else np.zeros(len(ids), np.float32)
+                finished = c.finish_reason == "stop"
+                if finished and self.eos is not None and (not ids or ids[-1] != self.eos):
+                    ids.append(self.eos)  # keep EOS in the completion, as HFGenerator does (its logprob unknown: 0)
+                    lps = np.append(lps, np.float32(0.0))
+                rollouts.append(Rollout(list(prompt), ids, lps[: len(ids)], finished, pi))
+        return rollouts
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
