@@ -17,6 +17,7 @@ and casting back to float32 gives the same bits.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -44,7 +45,7 @@ _ALLOWED_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4")}
 
 def _pack_array(arr: np.ndarray, dtype: str) -> dict[str, Any]:
     arr = np.ascontiguousarray(arr, dtype=_ALLOWED_DTYPES[dtype])
-    return {"dtype": dtype, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+    return {"dtype": dtype, "shape": list(arr.shape), "data": memoryview(arr.reshape(-1).view(np.uint8))}
 
 
 def _unpack_array(obj: Any, name: str, dtype: str, ndim: int) -> np.ndarray:
@@ -62,7 +63,7 @@ def _unpack_array(obj: Any, name: str, dtype: str, ndim: int) -> np.ndarray:
     if not isinstance(data, bytes):
         raise ProtocolError(f"field '{name}'.data must be binary", error_type="malformed_body")
     np_dtype = _ALLOWED_DTYPES[dtype]
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: no int64 wrap-around
     if expected != len(data):
         raise ProtocolError(
             f"field '{name}' has {len(data)} bytes but shape {shape} needs {expected}", error_type="malformed_body"
@@ -146,9 +147,14 @@ def decode_request_json(body: bytes) -> ScoreBatch:
             cap_message(f"invalid JSON request at '{where}': {first.get('msg', 'invalid')} ({exc.error_count()} errors)"),
             error_type="malformed_body",
         ) from None
+    lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
     for i, seq in enumerate(req.sequences):
-        if seq.token_ids and (min(seq.token_ids) < np.iinfo(np.int32).min or max(seq.token_ids) > np.iinfo(np.int32).max):
+        if seq.token_ids and (min(seq.token_ids) < lo or max(seq.token_ids) > hi):
             raise ProtocolError(f"sequence {i}: token ids must fit in int32", error_type="invalid_token_id")
+        if not lo <= seq.score_from <= hi:
+            raise ProtocolError(f"sequence {i}: score_from={seq.score_from} is out of range", error_type="invalid_score_from")
+    if not lo <= req.top_k <= hi or not lo <= req.protocol_version <= hi:
+        raise ProtocolError("top_k and protocol_version must fit in int32", error_type="invalid_top_k")
     batch = ScoreBatch.from_sequences([(s.token_ids, s.score_from) for s in req.sequences], req.top_k)
     return ScoreBatch(batch.token_ids_T, batch.lengths_B, batch.score_from_B, req.top_k, req.protocol_version)
 
@@ -230,7 +236,7 @@ def decode_response_json(body: bytes) -> ScoreResult:
         lp = [np.asarray(r["token_logprobs"], dtype=np.float32).reshape(-1) for r in rows]
         ids = [np.asarray(r["topk_ids"], dtype=np.int32).reshape(-1, k) for r in rows]
         lps = [np.asarray(r["topk_logprobs"], dtype=np.float32).reshape(-1, k) for r in rows]
-    except (orjson.JSONDecodeError, ValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (orjson.JSONDecodeError, ValidationError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         raise ProtocolError(cap_message(f"invalid JSON response: {exc}"), error_type="invalid_response") from None
     result = ScoreResult(
         token_logprobs_N=np.concatenate(lp) if lp else np.zeros(0, np.float32),

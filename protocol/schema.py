@@ -88,7 +88,7 @@ class GenerateRequestJSON(_Strict):
     max_new_tokens: int = Field(description="Completion length limit (prompt + completion <= max_seq_len).")
     temperature: float = Field(1.0, description="0 = greedy.")
     top_p: float = Field(1.0, description="Nucleus sampling, in (0, 1].")
-    seed: int | None = Field(None, description="Sampling seed (same seed, same engine state: same samples).")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling seed (same seed, same engine state: same samples).")
 
 
 class GenerateResponseJSON(_Strict):

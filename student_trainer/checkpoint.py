@@ -23,7 +23,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
-_STEP_RE = re.compile(r"^step_(\d+)$")
+# `step_N.old-PID` is a complete checkpoint moved aside while step N is re-saved; it counts until step_N exists.
+_STEP_RE = re.compile(r"^step_(\d+)(\.old-\d+)?$")
 
 
 def _fsync_tree(path: Path) -> None:
@@ -43,6 +44,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob("step_*.tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in ckpt_root.glob("step_*.old-*"):  # superseded once the re-saved step exists
+        if (ckpt_root / aside.name.split(".old-")[0]).is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f"step_{step:06d}.tmp-{os.getpid()}"
     model.save_pretrained(str(tmp), safe_serialization=True)
@@ -50,9 +54,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first, so a
+        os.replace(final, ckpt_root / f"step_{step:06d}.old-{os.getpid()}")  # crash in between: still complete
     os.replace(tmp, final)
+    for aside in ckpt_root.glob(f"step_{step:06d}.old-*"):  # this one, or one left by a crash mid-re-save
+        shutil.rmtree(aside, ignore_errors=True)
     fd = os.open(ckpt_root, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,12 +76,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
         if m and p.is_dir() and (p / COMPLETE_MARKER).is_file() and (p / "trainer_state.pt").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+            step = int(m.group(1))
+            if step not in found or m.group(2) is None:  # the final name wins over a moved-aside copy
+                found[step] = p
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

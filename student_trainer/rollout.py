@@ -50,7 +50,8 @@ class _RecordLogprobs(LogitsProcessor):
 
     A logits processor sees step t's scores before sampling and step t+1's input ids, whose last column is
     the token chosen at step t; so it keeps one [B, V] log-softmax and gathers it a step later.
-    Placed first in the processor list, it sees the raw logits.
+    transformers runs it after the model's own processors (penalties, which `HFGenerator` switches off) and
+    before the temperature / top-p warpers, so it sees the raw logits.
     """
 
     def __init__(self) -> None:
@@ -114,6 +115,13 @@ class HFGenerator(Generator):
                     eos_token_id=eos,
                     pad_token_id=pad,
                     logits_processor=LogitsProcessorList([recorder]),
+                    # Neutralise logit-modifying defaults a model's generation_config may carry (they would run
+                    # before the recorder and change the policy being sampled): on-policy means the policy itself.
+                    repetition_penalty=1.0,
+                    no_repeat_ngram_size=0,
+                    min_new_tokens=0,
+                    min_p=None,
+                    typical_p=1.0,
                 )
                 completion = seqs[:, width:].cpu()
                 logp = recorder.finish(seqs).cpu()

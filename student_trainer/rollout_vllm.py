@@ -77,7 +77,7 @@ class VLLMGenerator(Generator):
                 # logprobs=0: one entry per generated position, the sampled token's (flat lists, no dicts)
                 lps = np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None else np.zeros(len(ids), np.float32)
                 finished = c.finish_reason == "stop"
-                if finished and self.eos is not None and (not ids or ids[-1] != self.eos):
+                if finished and c.stop_reason == self.eos and (not ids or ids[-1] != self.eos):
                     ids.append(self.eos)  # keep EOS in the completion, as HFGenerator does (its logprob unknown: 0)
                     lps = np.append(lps, np.float32(0.0))
                 rollouts.append(Rollout(list(prompt), ids, lps[: len(ids)], finished, pi))

@@ -41,6 +41,7 @@ from protocol.schema import (
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503})
+# ConnectTimeout is a connection error; other timeouts are not retried by the client (see _request).
 _RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
@@ -223,6 +224,8 @@ class TeacherClient(_Base):
                 resp, exc = self._http.request(method, path, **kwargs), None
             except _RETRY_EXCEPTIONS as e:
                 resp, exc = None, e
+            except httpx.TimeoutException as e:  # a hung teacher: not retried here (the request may be running)
+                raise TeacherError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
             delay = self._after_attempt(attempt, path, resp, exc)
             if delay is None:
                 return resp
@@ -285,6 +288,8 @@ class AsyncTeacherClient(_Base):
                 resp, exc = await self._http.request(method, path, **kwargs), None
             except _RETRY_EXCEPTIONS as e:
                 resp, exc = None, e
+            except httpx.TimeoutException as e:
+                raise TeacherError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
             delay = self._after_attempt(attempt, path, resp, exc)
             if delay is None:
                 return resp

@@ -24,7 +24,6 @@ from student_trainer.teacher_client import TeacherClient, TeacherError, TeacherI
 
 logger = logging.getLogger(__name__)
 
-_FAILOVER_STATUSES = (None, 502, 503)
 
 
 class TeacherPool:
@@ -139,8 +138,8 @@ class TeacherPool:
             except TeacherError as exc:
                 last = exc
                 tried.add(i)
-                if exc.status in _FAILOVER_STATUSES:
-                    self._mark_down(i)
+                if exc.status in (502, 503) or (exc.status is None and exc.error_type is None):
+                    self._mark_down(i)  # unreachable or restarting
                 elif exc.status != 429:
                     raise
                 logger.warning("teacher %s failed (%s); sending the request to another endpoint", self.urls[i], exc)

@@ -36,7 +36,10 @@ from student_trainer.teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
 
-_OUTAGE_STATUSES = (None, 429, 502, 503)
+
+def is_outage(exc: TeacherError) -> bool:
+    """Unreachable, overloaded or restarting (worth waiting for), as opposed to a refusal or a bad response."""
+    return exc.status in (429, 502, 503) or (exc.status is None and exc.error_type is None)
 
 
 # =====================================================================================================
@@ -63,6 +66,18 @@ def lr_lambda(cfg: RunConfig):
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def check_fused_head(model) -> None:
+    """The fused loss computes logits as hidden @ lm_head.weight.T: refuse models whose logits are more than that."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)
+    if getattr(head, "bias", None) is not None or softcap or (scale not in (None, 1, 1.0)):
+        raise SystemExit(
+            f"{type(model).__name__}: the output layer has a bias, logit soft-capping or scaling, which the fused "
+            "loss (logits = hidden @ lm_head.weight.T) does not implement; use a model without them"
+        )
 
 
 def completion_positions(prompt_lens_b: np.ndarray, lengths_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +117,7 @@ def call_with_outage_retry(fn, what: str, timeout_s: float):
         try:
             return fn(), outage
         except TeacherError as exc:
-            if exc.status not in _OUTAGE_STATUSES or time.monotonic() - start > timeout_s:
+            if not is_outage(exc) or time.monotonic() - start > timeout_s:
                 raise
             logger.warning("teacher outage during %s (%s); rollouts kept, retrying in %.0fs", what, exc, delay)
             time.sleep(delay)
@@ -252,7 +267,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-    model.train()
+    # eval mode throughout: lp_S, the advantage and the mask must come from the policy itself, not a
+    # dropout-perturbed one (gradients flow the same in eval mode)
+    model.eval()
+    check_fused_head(model)
 
     train_problems = load_problems(
         cfg.data.train_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
@@ -444,8 +462,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
             if advantages:
                 adv = torch.cat(advantages)
+                adv_np = adv.numpy()  # np.quantile: torch.quantile refuses more than 2**24 elements
                 for q in (5, 25, 50, 75, 95):
-                    record[f"adv/p{q:02d}"] = float(torch.quantile(adv, q / 100)) if adv.numel() else 0.0
+                    record[f"adv/p{q:02d}"] = float(np.quantile(adv_np, q / 100)) if adv_np.size else 0.0
                 if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
                     counts, edges = advantage_histogram(adv)
                     record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()

@@ -375,6 +375,14 @@ def validate_generate(req: GenerateRequestJSON, settings: Settings, info) -> Non
             error_type="too_many_sequences",
             status=413,
         )
+    total = sum(len(p) + req.max_new_tokens for p in req.prompts) * req.n
+    if total > settings.max_tokens_per_request:
+        raise ProtocolError(
+            f"{len(req.prompts)} prompts x n={req.n} with max_new_tokens={req.max_new_tokens} may reach {total} tokens, "
+            f"more than max_tokens_per_request={settings.max_tokens_per_request}; split the request",
+            error_type="request_too_large",
+            status=413,
+        )
     if not req.temperature >= 0 or not 0 < req.top_p <= 1:
         raise ProtocolError("temperature must be >= 0 and top_p in (0, 1]", error_type="invalid_sampling")
     for i, p in enumerate(req.prompts):

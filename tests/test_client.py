@@ -167,3 +167,23 @@ def test_response_for_other_sequences_is_rejected():
     client = TeacherClient("http://teacher", transport=httpx.MockTransport(handler))
     with pytest.raises(TeacherError, match="expected 2"):
         client.score(SEQS, top_k=2)
+
+
+def test_read_timeout_surfaces_as_an_outage_error_not_a_crash():
+    from student_trainer.train import is_outage
+
+    def handler(request):
+        raise httpx.ReadTimeout("slow", request=request)
+
+    client = TeacherClient("http://teacher", transport=httpx.MockTransport(handler))
+    with pytest.raises(TeacherError) as exc:
+        client.score(SEQS, top_k=2)
+    assert exc.value.status is None and is_outage(exc.value)
+
+
+def test_a_bad_response_is_not_an_outage():
+    from student_trainer.train import is_outage
+
+    assert not is_outage(TeacherError("x", status=None, error_type="invalid_response"))
+    assert not is_outage(TeacherError("x", status=400, error_type="invalid_top_k"))
+    assert is_outage(TeacherError("x", status=503, error_type="engine_unavailable"))

@@ -158,3 +158,31 @@ def test_interrupted_checkpoint_write_never_looks_complete(point, student_dir, t
     ckpt_mod.save_checkpoint(run, 2, model, tok, {"step": 2})
     assert ckpt_mod.latest_checkpoint(run).name == "step_000002"
     assert not list((run / "checkpoints").glob("*.tmp-*"))
+
+
+def test_resaving_a_step_never_hides_it(student_dir, tmp_path, monkeypatch):
+    """Re-saving step N moves the old copy aside before renaming the new one in: a crash between the two renames
+    still leaves step N loadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir))
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    run = tmp_path / "run"
+    ckpt_mod.save_checkpoint(run, 3, model, tok, {"step": 3}, keep=1)
+    real_replace = ckpt_mod.os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise Crash("between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", crash_on_second)
+    with pytest.raises(Crash):
+        ckpt_mod.save_checkpoint(run, 3, model, tok, {"step": 3}, keep=1)
+    monkeypatch.undo()
+    latest = ckpt_mod.latest_checkpoint(run)
+    assert latest is not None and ckpt_mod.load_trainer_state(latest)["step"] == 3
+    ckpt_mod.save_checkpoint(run, 3, model, tok, {"step": 3}, keep=1)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000003"]

@@ -87,6 +87,7 @@ def test_binary_decoder_rejects_wrong_dtype_shape_and_extras():
     cases.append({k: v for k, v in good.items() if k != "lengths"})
     cases.append(dict(good, top_k="3"))
     cases.append(dict(good, lengths=dict(good["lengths"], data=np.array([5], "<i4").tobytes())))
+    cases.append(dict(good, token_ids=dict(good["token_ids"], shape=[2**62])))
     for obj in cases:
         with pytest.raises(ProtocolError):
             codec.decode_request_msgpack(msgpack.packb(obj, use_bin_type=True))
@@ -110,3 +111,10 @@ def test_binary_decoder_truncated_bodies_fail_cleanly(cut):
         return
     with pytest.raises(ProtocolError):
         codec.decode_response_msgpack(body[:cut])
+
+
+def test_response_decoder_shape_overflow_is_a_protocol_error():
+    body = msgpack.unpackb(codec.encode_response_msgpack(random_result(np.random.default_rng(4), [0], 4)))
+    body["topk_ids"] = dict(body["topk_ids"], shape=[2**32, 2**32], data=b"")
+    with pytest.raises(ProtocolError):
+        codec.decode_response_msgpack(msgpack.packb(body, use_bin_type=True))

@@ -99,6 +99,7 @@ BAD_INPUTS = [
     ("token id >= vocab", dict(json=_json(sequences=[{"token_ids": [2, 10, 10**6], "score_from": 1}])), 400, "invalid_token_id"),
     ("negative token id", dict(json=_json(sequences=[{"token_ids": [2, -1, 3], "score_from": 1}])), 400, "invalid_token_id"),
     ("score_from = 0", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 0}])), 400, "invalid_score_from"),
+    ("score_from beyond int32", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 2**40}])), 400, "invalid_score_from"),
     ("score_from = len", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 3}])), 400, "invalid_score_from"),
     ("sequence longer than max", dict(json=_json(sequences=[{"token_ids": [5] * 600, "score_from": 1}])), 400, "sequence_too_long"),
     ("too many tokens", dict(json=_json(sequences=[{"token_ids": [5] * 500, "score_from": 1}] * 3000)), 413, "request_too_large"),
@@ -184,3 +185,28 @@ def test_health_is_503_until_engine_ready(tiny_model_dir):
     assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
     with TestClient(app) as live:
         assert live.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("body,status,error_type", [
+    ({"prompts": [[2, 3]], "max_new_tokens": 2, "seed": 2**64}, 400, "malformed_body"),
+    ({"prompts": [[2, 3]] * 65, "n": 64, "max_new_tokens": 1}, 413, "too_many_sequences"),
+    ({"prompts": [[2, 3]], "n": 0, "max_new_tokens": 2}, 400, "invalid_n"),
+    ({"prompts": [], "max_new_tokens": 2}, 400, "empty_request"),
+    ({"prompts": [[2, 10**6]], "max_new_tokens": 2}, 400, "invalid_token_id"),
+])
+def test_generate_bad_input(live_server, body, status, error_type):
+    r = httpx.post(live_server.url + "/v1/generate", json=body, timeout=60)
+    assert r.status_code == status and r.json()["error"]["type"] == error_type, r.text
+
+
+def test_generate_total_token_limit(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from teacher_server.app import create_app
+    from tests.conftest import teacher_settings
+
+    with TestClient(create_app(teacher_settings(tiny_model_dir, "hf", max_tokens_per_request=100))) as client:
+        r = client.post("/v1/generate", json={"prompts": [[2, 3, 4]] * 4, "n": 2, "max_new_tokens": 20})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+        r = client.post("/v1/generate", json={"prompts": [[2, 3, 4]], "n": 2, "max_new_tokens": 5, "seed": 0})
+        assert r.status_code == 200 and len(r.json()["completions"]) == 2
