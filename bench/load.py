@@ -2,7 +2,7 @@
 
     python bench/load.py [--clients 32] [--seconds 60] [--engine hf] [--overload]
 
-Each client loops: score a request of 4 sequences x 256 tokens at K=32 (binary encoding), until the time is up.
+Each client loops: score a request of 4 sequences x 128 tokens at K=32 (binary encoding), until the time is up.
 Prints requests/s, scored positions/s, p50/p99 latency, errors by status, and the server's resident memory
 before and after (VmRSS of the server process). `--overload` starts the server with max_queued_requests far
 below the client count, so 429s are expected (and counted separately); any other error is a failure.
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--model", default=None, help="model dir (default: the toy teacher)")
     ap.add_argument("--sequences", type=int, default=4)
-    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--overload", action="store_true")
     a = ap.parse_args()
     model = a.model or str(Path(__file__).resolve().parents[1] / "toy" / "assets" / "teacher")
@@ -55,6 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory():
         with serve_in_subprocess(model, None, *extra) as teacher:
             info = httpx.get(teacher.url + "/v1/info").json()
+            a.length = min(a.length, info["max_seq_len"])  # the toy teacher accepts 128 tokens
             seqs = [(rng.integers(4, info["vocab_size"], a.length).tolist(), a.length // 2) for _ in range(a.sequences)]
             body = codec.encode_request_msgpack(ScoreBatch.from_sequences(seqs, 32))
             headers = {"content-type": "application/msgpack"}
@@ -63,6 +64,7 @@ def main() -> None:
             rss_before = rss_mib(teacher.pid)
             latencies: list[float] = []
             statuses: collections.Counter = collections.Counter()
+            first_error: dict = {}
             lock = threading.Lock()
             stop_at = time.monotonic() + a.seconds
 
@@ -74,10 +76,12 @@ def main() -> None:
                             r = c.post(teacher.url + "/v1/score", content=body, headers=headers)
                             status = r.status_code
                         except httpx.HTTPError as exc:
-                            status = type(exc).__name__
+                            status, r = type(exc).__name__, None
                         dt = time.perf_counter() - t0
                         with lock:
                             statuses[status] += 1
+                            if status not in (200, 429) and status not in first_error:
+                                first_error[status] = r.text[:200] if r is not None else status
                             if status == 200:
                                 latencies.append(dt)
                         if status == 429:
@@ -87,6 +91,9 @@ def main() -> None:
             threads = [threading.Thread(target=client) for _ in range(a.clients)]
             for t in threads:
                 t.start()
+            # after a ramp-up the allocator holds buffers for full-size batches; growth after that would be a leak
+            time.sleep(min(10.0, a.seconds / 3))
+            rss_ramped = rss_mib(teacher.pid)
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - t_start
@@ -101,7 +108,10 @@ def main() -> None:
           f"latency p50 {1000 * statistics.median(lat):.0f} ms p99 {1000 * lat[int(0.99 * (len(lat) - 1))]:.0f} ms"
           if lat else "no successful request")
     print(f"responses: 200={ok} 429={statuses.get(429, 0)} other errors={sum(errors.values())} {dict(errors) or ''}")
-    print(f"server RSS before {rss_before:.0f} MiB, after {rss_after:.0f} MiB (growth {rss_after - rss_before:+.0f} MiB)")
+    for status, text in first_error.items():
+        print(f"  first {status}: {text}")
+    print(f"server RSS before {rss_before:.0f} MiB, after ramp-up {rss_ramped:.0f} MiB, at the end {rss_after:.0f} MiB "
+          f"(growth under steady load {rss_after - rss_ramped:+.0f} MiB)")
     sys.exit(1 if errors else 0)
 
 

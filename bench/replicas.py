@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--sequences", type=int, default=8)
-    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--threads-per-server", type=int, default=1)
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads_per_server)
