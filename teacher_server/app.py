@@ -203,6 +203,29 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
                 status=429,
             )
 
+    @asynccontextmanager
+    async def served(request: Request, route: str):
+        """Around a work route: auth and bounded admission first, then the in-flight gauge and the per-route
+        request/latency metrics, whatever the handler's outcome."""
+        t0 = time.perf_counter()
+        status, admitted = 500, False
+        try:
+            admit(request)
+            app.state.admitted += 1
+            admitted = True
+            metrics.in_flight.inc()
+            yield
+            status = 200
+        except ProtocolError as exc:
+            status = exc.status
+            raise
+        finally:
+            if admitted:
+                app.state.admitted -= 1
+                metrics.in_flight.dec()
+            metrics.requests.labels(route=route, status=str(status)).inc()
+            metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+
     def ready_engine(request: Request) -> ScoringEngine:
         eng = request.app.state.engine
         if eng is None or not eng.healthy():
@@ -286,14 +309,7 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
         },
     )
     async def score(request: Request) -> Response:
-        t0 = time.perf_counter()
-        status = 500
-        admitted = False
-        try:
-            admit(request)
-            app.state.admitted += 1
-            admitted = True
-            metrics.in_flight.inc()
+        async with served(request, "/v1/score"):
             eng = ready_engine(request)
             media = _media_type(request.headers.get("content-type"))
             if media not in (JSON_MEDIA_TYPE, MSGPACK_MEDIA_TYPE):
@@ -311,27 +327,11 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             metrics.request_sequences.observe(batch.num_sequences)
             out_media = _response_media_type(request, media)
             payload = codec.encode_response_msgpack(result) if out_media == MSGPACK_MEDIA_TYPE else codec.encode_response_json(result)
-            status = 200
             return Response(payload, media_type=out_media)
-        except ProtocolError as exc:
-            status = exc.status
-            raise
-        finally:
-            if admitted:
-                app.state.admitted -= 1
-                metrics.in_flight.dec()
-            metrics.requests.labels(route="/v1/score", status=str(status)).inc()
-            metrics.latency.labels(route="/v1/score").observe(time.perf_counter() - t0)
 
     @app.post("/v1/generate", response_model=GenerateResponseJSON, responses={**_ERROR_RESPONSES, 501: {"model": ErrorEnvelope}})
     async def generate(request: Request) -> Response:
-        t0 = time.perf_counter()
-        status = 500
-        admitted = False
-        try:
-            admit(request)
-            app.state.admitted += 1
-            admitted = True
+        async with served(request, "/v1/generate"):
             eng = ready_engine(request)
             if _media_type(request.headers.get("content-type")) != JSON_MEDIA_TYPE:
                 raise ProtocolError(f"Content-Type must be {JSON_MEDIA_TYPE}", error_type="unsupported_media_type", status=415)
@@ -347,18 +347,9 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
                 completions = await eng.generate(req.prompts, req.n, req.max_new_tokens, req.temperature, req.top_p, req.seed)
             except NotImplementedError as exc:
                 raise ProtocolError(str(exc), error_type="not_implemented", status=501) from None
-            status = 200
             return JSONResponse(
                 GenerateResponseJSON(protocol_version=PROTOCOL_VERSION, model=eng.info.model, completions=completions).model_dump()
             )
-        except ProtocolError as exc:
-            status = exc.status
-            raise
-        finally:
-            if admitted:
-                app.state.admitted -= 1
-            metrics.requests.labels(route="/v1/generate", status=str(status)).inc()
-            metrics.latency.labels(route="/v1/generate").observe(time.perf_counter() - t0)
 
     return app
 

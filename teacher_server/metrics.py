@@ -33,7 +33,7 @@ class Metrics:
         self.forward_tokens = Histogram(
             "aopd_teacher_forward_tokens", "Tokens in one forward pass", buckets=_TOKEN_BUCKETS, registry=r
         )
-        self.in_flight = Gauge("aopd_teacher_requests_in_flight", "Scoring requests being served", registry=r)
+        self.in_flight = Gauge("aopd_teacher_requests_in_flight", "Scoring and generation requests being served", registry=r)
 
     def observe_forward(self, n_requests: int, n_sequences: int, n_tokens: int) -> None:
         self.forwards.inc()
