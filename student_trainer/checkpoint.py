@@ -39,7 +39,10 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2, state_dict: dict | None = None
+) -> Path:
+    """`state_dict`: the full weights when `model` itself holds only a shard of them (FSDP)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob("step_*.tmp-*"):  # left by a crash mid-write
@@ -49,7 +52,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
             shutil.rmtree(aside, ignore_errors=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f"step_{step:06d}.tmp-{os.getpid()}"
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))

@@ -204,10 +204,16 @@ def evaluate(
             }
         )
 
-    metrics = {f"eval/pass@{k}": float(np.mean([p[f"pass@{k}"] for p in per_problem])) for k in ks}
-    metrics["eval/mean_len"] = float(np.mean([len(r.completion_ids) for r in rollouts]))
-    metrics["eval/frac_finished"] = float(np.mean([r.finished for r in rollouts]))
-    return EvalResult(metrics=metrics, per_problem=per_problem)
+    return EvalResult(metrics=eval_metrics(per_problem, ks), per_problem=per_problem)
+
+
+def eval_metrics(per_problem: list[dict], ks: Sequence[int]) -> dict[str, float]:
+    """pass@k averaged over problems, mean completion length and finished fraction over all completions; also
+    merges the per-problem records of several ranks, each of which evaluated a share of the problems."""
+    metrics = {f"eval/pass@{k}": float(np.mean([p[f"pass@{k}"] for p in per_problem])) for k in sorted(set(ks))}
+    metrics["eval/mean_len"] = float(np.mean([n for p in per_problem for n in p["lengths"]]))
+    metrics["eval/frac_finished"] = float(np.mean([f for p in per_problem for f in p["finished"]]))
+    return metrics
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -30,6 +30,19 @@ from protocol.schema import ScoreBatch, SequenceResult
 from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from student_trainer.config import RunConfig, dump_config
 from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses
+from student_trainer.parallel import (
+    Policy,
+    Ranks,
+    close_ranks,
+    copy_weights,
+    full_model_state,
+    full_optimizer_state,
+    grad_norm_value,
+    init_ranks,
+    load_optimizer_state,
+    local_chunks,
+    shard,
+)
 from student_trainer.rollout import HFGenerator, Rollout
 from student_trainer.teacher_client import TeacherClient, TeacherError
 from student_trainer.teacher_pool import TeacherPool
@@ -172,46 +185,45 @@ def wait_for_teacher(client: TeacherClient, wait_s: float, what: str = "teacher"
 # =====================================================================================================
 
 
-def micro_batch_losses(model, mb: list[tuple[Rollout, Any, Any, bool]], cfg: RunConfig, device) -> tuple[Any, int]:
-    """Forward one micro-batch; returns (TokenLosses or NLL stats, N). `mb` items: (rollout, teacher row, ref lp, correct)."""
+def micro_batch_losses(policy: Policy, mb: list[tuple[Rollout, Any, Any, bool]], cfg: RunConfig, device) -> tuple[Any, np.ndarray]:
+    """Forward one micro-batch; returns (TokenLosses or per-token NLL, seq_N). `mb` items: (rollout, teacher row,
+    ref lp, correct)."""
     lengths = np.array([len(r.token_ids) for r, *_ in mb])
     prompt_lens = np.array([len(r.prompt_ids) for r, *_ in mb])
     b, L = len(mb), int(lengths.max())
     ids_bL = np.zeros((b, L), dtype=np.int64)
     mask_bL = np.arange(L)[None, :] < lengths[:, None]
     ids_bL[mask_bL] = np.concatenate([r.token_ids for r, *_ in mb])
-    input_ids = torch.from_numpy(ids_bL).to(device)
-    hidden_bLD = model.get_decoder()(
-        input_ids=input_ids, attention_mask=torch.from_numpy(mask_bL.astype(np.int64)).to(device)
-    ).last_hidden_state
     seq_N, row_N = completion_positions(prompt_lens, lengths)
-    seq_t, row_t = torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device)
-    weight_VD = model.get_output_embeddings().weight
-    hidden_ND = hidden_bLD[seq_t, row_t].to(weight_VD.dtype)
-    sampled_N = input_ids[seq_t, row_t + 1]
-    if cfg.loss.mode == "seqkd":  # supervised: -log p_S(teacher token), via the same chunked lm_head
-        stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
-        return stats.lse_N - stats.sampled_logit_N, seq_N
 
     def cat(parts, dtype):
         return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
 
-    teacher_rows = [t for _, t, _, _ in mb]
-    out = fused_token_losses(
-        hidden_ND,
-        weight_VD,
-        sampled_N,
-        cat([t.token_logprobs for t in teacher_rows], np.float32),
-        cat([t.topk_ids for t in teacher_rows], np.int64),
-        cat([t.topk_logprobs for t in teacher_rows], np.float32),
-        cfg.loss.loss_config(),
-        ref_token_logprobs_N=cat([lp for _, _, lp, _ in mb], np.float32) if cfg.loss.mode == "exopd" else None,
-        correct_N=torch.from_numpy(np.repeat([c for *_, c in mb], lengths - prompt_lens)).to(device)
-        if cfg.loss.mode == "aopd_acc"
-        else None,
-        behaviour_logprobs_N=cat([r.behaviour_logprobs for r, *_ in mb], np.float32)
-        if cfg.loss.importance_correction
-        else None,
+    def head(hidden_ND, weight_VD, sampled_N):
+        if cfg.loss.mode == "seqkd":  # supervised: -log p_S(teacher token), via the same chunked lm_head
+            stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
+            return stats.lse_N - stats.sampled_logit_N
+        teacher_rows = [t for _, t, _, _ in mb]
+        return fused_token_losses(
+            hidden_ND,
+            weight_VD,
+            sampled_N,
+            cat([t.token_logprobs for t in teacher_rows], np.float32),
+            cat([t.topk_ids for t in teacher_rows], np.int64),
+            cat([t.topk_logprobs for t in teacher_rows], np.float32),
+            cfg.loss.loss_config(),
+            ref_token_logprobs_N=cat([lp for _, _, lp, _ in mb], np.float32) if cfg.loss.mode == "exopd" else None,
+            correct_N=torch.from_numpy(np.repeat([c for *_, c in mb], lengths - prompt_lens)).to(device)
+            if cfg.loss.mode == "aopd_acc"
+            else None,
+            behaviour_logprobs_N=cat([r.behaviour_logprobs for r, *_ in mb], np.float32)
+            if cfg.loss.importance_correction
+            else None,
+        )
+
+    out = policy(
+        torch.from_numpy(ids_bL).to(device), torch.from_numpy(mask_bL.astype(np.int64)).to(device),
+        torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device), head,
     )
     return out, seq_N
 
@@ -231,17 +243,18 @@ def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, 
     return (loss_N * per_token_weight).sum() / max(n_seqs, 1)
 
 
-def dump_rollouts(path: Path, step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> None:
+def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> list[str]:
     """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy."""
     offsets = np.cumsum([0] + [len(r.completion_ids) for r in rollouts])
-    with open(path, "a") as f:
-        for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
-            a, b = offsets[i], offsets[i + 1]
-            f.write(json.dumps({
-                "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
-                "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
-                "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
-            }) + "\n")
+    lines = []
+    for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
+        a, b = offsets[i], offsets[i + 1]
+        lines.append(json.dumps({
+            "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
+            "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
+            "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
+        }) + "\n")
+    return lines
 
 
 # =====================================================================================================
@@ -250,14 +263,32 @@ def dump_rollouts(path: Path, step: int, rollouts, problems, correct, mask_N, ad
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Train; under torchrun every rank calls this (see student_trainer/parallel.py). Returns the last eval
+    metrics (on rank 0; {} on the others)."""
+    # a rank waiting in a collective while another rides out a teacher outage must not time out first
+    ranks, rank_device = init_ranks(cfg.model.device, timeout_s=max(1800.0, cfg.teacher.outage_timeout_s + 600.0))
+    try:
+        return _train(cfg, resume, ranks, rank_device)
+    finally:
+        close_ranks(ranks)
+
+
+def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> dict[str, float]:
     from student_trainer.data import PromptSampler, load_problems
-    from student_trainer.evaluate import evaluate, is_correct
+    from student_trainer.evaluate import eval_metrics, evaluate, is_correct
 
     # ---------------------------------------------------------------- setup
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    device, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
+    if ranks.main:
+        dump_config(cfg, run_dir / "config.yaml")
+    device, dtype = resolve_device_dtype(str(rank_device) if rank_device else cfg.model.device, cfg.model.dtype)
+    chunks_of_step = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
+    if ranks.world > 1 and cfg.rollout.engine == "vllm":
+        raise SystemExit(
+            "rollout.engine=vllm under torchrun is not supported yet: use rollout.engine=hf with several ranks, or one "
+            "process with rollout.engine=vllm"
+        )
     torch.manual_seed(cfg.train.seed)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -266,11 +297,21 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     # eval mode throughout: lp_S, the advantage and the mask must come from the policy itself, not a
     # dropout-perturbed one (gradients flow the same in eval mode)
     model.eval()
     check_fused_head(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    policy = Policy(model)
+    replica = None  # under FSDP: a full copy on each rank that HF generate samples from, synced after each step
+    if ranks.world > 1:
+        if cfg.rollout.engine == "hf" and cfg.loss.mode != "seqkd":
+            replica = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        shard(policy, ranks, device)  # moves this rank's shard to `device`
+        logger.info("rank %d/%d: FSDP2 on %s", ranks.rank, ranks.world, device)
+    else:
+        model.to(device)
 
     train_problems = load_problems(
         cfg.data.train_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
@@ -295,7 +336,6 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     urls = [u.strip() for u in cfg.teacher.url.split(",") if u.strip()]
     teacher = TeacherClient(urls[0], **client_kw) if len(urls) == 1 else TeacherPool(urls, **client_kw)
     wait_for_teacher(teacher, cfg.teacher.startup_wait_s)
-    vocab = model.get_output_embeddings().weight.shape[0]
     info = teacher.connect(
         tokenizer=tokenizer, vocab_size=vocab, top_k=None if cfg.loss.mode == "seqkd" else cfg.teacher.top_k,
         max_seq_len=longest,
@@ -313,13 +353,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     logger.info("teacher %s (%s, engine %s) ready; student %s on %s", cfg.teacher.url, info.model, info.engine, model_path, device)
 
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+        policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -334,16 +374,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
         )
     else:
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+        generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)
     scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if ranks.main else None
     tb = None
-    if cfg.train.tensorboard:
+    if cfg.train.tensorboard and ranks.main:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"))
 
-    def log(record: dict[str, Any]) -> None:
+    def log(record: dict[str, Any]) -> None:  # rank 0 only
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         if tb is not None:
@@ -352,22 +392,33 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                     tb.add_scalar(k, v, record["step"])
 
     def run_eval(step: int) -> dict[str, float]:
-        res = evaluate(
-            generator, tokenizer, eval_problems, n=cfg.train.eval_n, ks=tuple(cfg.train.eval_ks),
+        lo, hi = ranks.shard_of(len(eval_problems))  # each rank evaluates a share; rank 0 merges
+        mine = eval_problems[lo:hi]
+        per_problem = evaluate(
+            generator, tokenizer, mine, n=cfg.train.eval_n, ks=tuple(cfg.train.eval_ks),
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
-            top_p=cfg.rollout.top_p, seed=cfg.train.seed + 7919,
-        )
-        log({"step": step, **res.metrics})
-        logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
-        return res.metrics
+            top_p=cfg.rollout.top_p, seed=cfg.train.seed + 7919 + ranks.rank,
+        ).per_problem if mine else []
+        gathered = ranks.gather(per_problem)
+        if not ranks.main:
+            return {}
+        metrics = eval_metrics([p for part in gathered for p in part], cfg.train.eval_ks)
+        log({"step": step, **metrics})
+        logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            run_dir, step, model, tokenizer,
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
-            keep=cfg.train.keep_checkpoints,
-        )
+        # full weights and a name-keyed full optimizer state (collectives when sharded), written by rank 0
+        weights = full_model_state(policy) if ranks.world > 1 else None
+        optim_state = full_optimizer_state(policy, optimizer)
+        if ranks.main:
+            save_checkpoint(
+                run_dir, step, model, tokenizer,
+                {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
+                keep=cfg.train.keep_checkpoints, state_dict=weights,
+            )
+        ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
     last_eval: dict[str, float] = {}
     if cfg.train.eval_every and start_step == 0:
@@ -385,9 +436,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             # ---- rollout, streamed to the teacher chunk by chunk
             t_gen = 0.0
             futures: list[Future] = []
-            chunks = [problems[a : a + cfg.rollout.stream_chunk_prompts] for a in range(0, n_per_step, cfg.rollout.stream_chunk_prompts)]
             pending: list[Rollout] = []
-            for ci, chunk in enumerate(tqdm(chunks, desc=f"rollout {step}", leave=False, disable=not cfg.train.progress or len(chunks) < 4)):
+            show = cfg.train.progress and ranks.main and len(chunks_of_step) >= 4
+            for ci, start, stop in tqdm(chunks_of_step, desc=f"rollout {step}", leave=False, disable=not show):
+                chunk = problems[start:stop]  # this rank's share; prompt_index below indexes the whole step
                 t0 = time.perf_counter()
                 seed = cfg.train.seed * 1_000_003 + step * 1009 + ci  # rollouts are a function of (weights, step)
                 if cfg.loss.mode == "seqkd":
@@ -401,7 +453,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                     )
                     prompt_of = [i for i in range(len(chunk)) for _ in range(cfg.rollout.samples_per_prompt)]
                     pending += [
-                        Rollout(chunk[i].prompt_ids, c, np.zeros(len(c), np.float32), True, ci * cfg.rollout.stream_chunk_prompts + i)
+                        Rollout(chunk[i].prompt_ids, c, np.zeros(len(c), np.float32), True, start + i)
                         for i, c in zip(prompt_of, comps, strict=True)
                     ]
                 else:
@@ -411,7 +463,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                         top_p=cfg.rollout.top_p, seed=seed,
                     )
                     for r in rollouts:
-                        r.prompt_index += ci * cfg.rollout.stream_chunk_prompts
+                        r.prompt_index += start
                     if cfg.rollout.stream:
                         futures.append(scorer.submit(rollouts))
                     else:
@@ -428,18 +480,20 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
             correct = [is_correct(t, problems[r.prompt_index].answer) for t, r in zip(texts, rollouts, strict=True)]
 
-            # ---- update: micro-batches accumulate into one step
+            # ---- update: micro-batches accumulate into one step (over all ranks: losses are normalised by the
+            # global counts, and x world because FSDP averages the ranks' gradients)
             t_up = time.perf_counter()
-            n_tokens = sum(len(r.completion_ids) for r in rollouts)
+            n_local_tokens = sum(len(r.completion_ids) for r in rollouts)
             items = list(zip(rollouts, teacher_rows, ref_rows, correct, strict=True))
+            n_tokens, n_seqs = (int(v) for v in ranks.sum([n_local_tokens, len(items)]))
             sums: dict[str, float] = {}
             advantages, masks = [], []
             for a in range(0, len(items), cfg.optim.micro_batch_size):
                 mb = items[a : a + cfg.optim.micro_batch_size]
-                out, seq_N = micro_batch_losses(model, mb, cfg, device)
+                out, seq_N = micro_batch_losses(policy, mb, cfg, device)
                 seq_len_b = np.array([len(r.completion_ids) for r, *_ in mb], dtype=np.float64)
                 loss_N = out if cfg.loss.mode == "seqkd" else out.loss_N
-                reduce_loss(loss_N, seq_N, seq_len_b, cfg, n_tokens, len(items)).backward()
+                (reduce_loss(loss_N, seq_N, seq_len_b, cfg, n_tokens, n_seqs) * ranks.world).backward()
                 n_mb = int(seq_N.size)
                 if cfg.loss.mode == "seqkd":
                     sums["loss/nll"] = sums.get("loss/nll", 0.0) + float(loss_N.detach().sum())
@@ -448,59 +502,75 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                         sums[k] = sums.get(k, 0.0) + float(v) * n_mb
                     advantages.append(out.advantage_N.detach().float().cpu())
                     masks.append(out.mask_N.detach().cpu())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.rollout.engine == "vllm":
                 generator.load_weights(model)  # the next rollouts sample from the updated policy
+            if replica is not None:
+                copy_weights(policy, replica)
             t_update = time.perf_counter() - t_up
 
-            # ---- log
+            # ---- log: counts summed over ranks, token-level distributions gathered to rank 0
             teacher_s = sum(s.latency_s for s in scored)
-            record: dict[str, Any] = {"step": step}
-            record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
+            keys = sorted(sums)
+            totals = ranks.sum([sums[k] for k in keys] + [
+                sum(r.finished for r in rollouts), sum(correct), teacher_s, len(futures), sum(s.outage_s for s in scored),
+            ])
+            sums = dict(zip(keys, totals[: len(keys)], strict=True))
+            n_finished, n_correct, teacher_s_all, n_requests, outage_s = totals[len(keys) :]
+            local = None
             if advantages:
-                adv = torch.cat(advantages)
-                adv_np = adv.numpy()  # np.quantile: torch.quantile refuses more than 2**24 elements
-                for q in (5, 25, 50, 75, 95):
-                    record[f"adv/p{q:02d}"] = float(np.quantile(adv_np, q / 100)) if adv_np.size else 0.0
-                if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
-                    counts, edges = advantage_histogram(adv)
-                    record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
-            if masks:
-                mask_N = torch.cat(masks).numpy()
+                adv_N, mask_N = torch.cat(advantages).numpy(), torch.cat(masks).numpy()
                 ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in teacher_rows])
-                record["teacher/topk_entropy_masked"] = float(ent_N[mask_N].mean()) if mask_N.any() else 0.0
-                record["teacher/topk_entropy_unmasked"] = float(ent_N[~mask_N].mean()) if (~mask_N).any() else 0.0
-                if cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0:
-                    dump_rollouts(run_dir / "rollouts.jsonl", step, rollouts, problems, correct, mask_N, torch.cat(advantages).numpy(), ent_N)
+                dumping = cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0
+                lines = rollout_lines(step, rollouts, problems, correct, mask_N, adv_N, ent_N) if dumping else []
+                local = (adv_N, mask_N, ent_N, lines)
+            gathered = ranks.gather(local)
             step_s = time.perf_counter() - t_step
-            record.update({
-                "optim/grad_norm": grad_norm,
-                "optim/lr": scheduler.get_last_lr()[0],
-                "rollout/len_mean": n_tokens / max(len(rollouts), 1),
-                "rollout/finished_frac": float(np.mean([r.finished for r in rollouts])),
-                "rollout/correct_frac": float(np.mean(correct)),
-                "teacher/latency_ms": 1000 * teacher_s / max(len(futures), 1),
-                "teacher/outage_s": sum(s.outage_s for s in scored),
-                "timing/generate_s": t_gen,
-                "timing/score_wait_s": t_wait,
-                # share of teacher time hidden behind generation (1 = fully overlapped)
-                "timing/score_overlap": 1.0 - t_wait / teacher_s if teacher_s > 0 else 1.0,
-                "timing/update_s": t_update,
-                "timing/step_s": step_s,
-                "throughput/tok_per_s": n_tokens / step_s,
-            })
-            log(record)
-            print(
-                f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
-                f"(pg {record.get('loss/pg', 0.0):.4f} div {record.get('loss/div', 0.0):.4f}) | "
-                f"int {record.get('aopd/intervention_ratio', 0.0):.3f} | ent {record.get('policy/entropy', 0.0):.3f} | "
-                f"gn {grad_norm:.3f} | acc {record['rollout/correct_frac']:.3f} | teacher {record['teacher/latency_ms']:.0f}ms "
-                f"overlap {record['timing/score_overlap']:.2f} | {record['throughput/tok_per_s']:.0f} tok/s | {step_s:.2f}s",
-                flush=True,
-            )
+            if ranks.main:
+                record: dict[str, Any] = {"step": step}
+                record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
+                if gathered[0] is not None:
+                    adv_N, mask_N, ent_N = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+                    for q in (5, 25, 50, 75, 95):  # np.quantile: torch.quantile refuses more than 2**24 elements
+                        record[f"adv/p{q:02d}"] = float(np.quantile(adv_N, q / 100)) if adv_N.size else 0.0
+                    if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
+                        counts, edges = advantage_histogram(torch.from_numpy(adv_N))
+                        record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
+                    record["teacher/topk_entropy_masked"] = float(ent_N[mask_N].mean()) if mask_N.any() else 0.0
+                    record["teacher/topk_entropy_unmasked"] = float(ent_N[~mask_N].mean()) if (~mask_N).any() else 0.0
+                    lines = [line for g in gathered for line in g[3]]
+                    if lines:
+                        with open(run_dir / "rollouts.jsonl", "a") as f:
+                            f.writelines(lines)
+                record.update({
+                    "optim/grad_norm": grad_norm,
+                    "optim/lr": scheduler.get_last_lr()[0],
+                    "rollout/len_mean": n_tokens / max(n_seqs, 1),
+                    "rollout/finished_frac": n_finished / max(n_seqs, 1),
+                    "rollout/correct_frac": n_correct / max(n_seqs, 1),
+                    "teacher/latency_ms": 1000 * teacher_s_all / max(n_requests, 1),
+                    "teacher/outage_s": outage_s,
+                    # timings are rank 0's
+                    "timing/generate_s": t_gen,
+                    "timing/score_wait_s": t_wait,
+                    # share of teacher time hidden behind generation (1 = fully overlapped)
+                    "timing/score_overlap": 1.0 - t_wait / teacher_s if teacher_s > 0 else 1.0,
+                    "timing/update_s": t_update,
+                    "timing/step_s": step_s,
+                    "throughput/tok_per_s": n_tokens / step_s,
+                })
+                log(record)
+                print(
+                    f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
+                    f"(pg {record.get('loss/pg', 0.0):.4f} div {record.get('loss/div', 0.0):.4f}) | "
+                    f"int {record.get('aopd/intervention_ratio', 0.0):.3f} | ent {record.get('policy/entropy', 0.0):.3f} | "
+                    f"gn {grad_norm:.3f} | acc {record['rollout/correct_frac']:.3f} | teacher {record['teacher/latency_ms']:.0f}ms "
+                    f"overlap {record['timing/score_overlap']:.2f} | {record['throughput/tok_per_s']:.0f} tok/s | {step_s:.2f}s",
+                    flush=True,
+                )
 
             steps_this_run += 1
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
@@ -520,13 +590,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         teacher.close()
         if ref is not None:
             ref.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if tb is not None:
             tb.close()
     return last_eval
 
 
 def setup_logging(level: str = "INFO") -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run; the others only warn
+        level = "WARNING"
     logging.basicConfig(
         level=os.environ.get("AOPD_LOG_LEVEL", level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -96,6 +96,7 @@ def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, t
     from student_trainer.losses import LossConfig
     from student_trainer.rollout import HFGenerator
     from student_trainer.teacher_client import TeacherClient
+    from student_trainer.parallel import Policy
     from student_trainer.train import micro_batch_losses
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,7 +111,7 @@ def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, t
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        out, _ = micro_batch_losses(model, items, cfg, torch.device("cpu"))
+        out, _ = micro_batch_losses(Policy(model), items, cfg, torch.device("cpu"))
         loss = out.loss_N.mean()
         losses.append(float(loss.detach()))
         opt.zero_grad()

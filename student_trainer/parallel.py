@@ -1,0 +1,208 @@
+"""Several trainer processes, one per GPU: `torchrun --nproc-per-node N -m student_trainer --config run.yaml`.
+
+Data parallel with FSDP2 (`torch.distributed.fsdp.fully_shard`): every decoder layer is one FSDP unit, the rest
+(embeddings, final norm, lm_head) is the root unit, so each rank holds 1/N of the parameters, gradients and
+optimizer state. Each step's prompts are split across ranks; every rank generates its share, streams it to the
+teacher over its own connection, and backpropagates its share of the step's loss (normalised by the global
+token / sequence count, so the summed gradient equals the single-process one). Rank 0 logs and checkpoints.
+Checkpoints hold full (unsharded) weights in Hugging Face format and a full optimizer state keyed by parameter
+name, so a run can resume on any number of ranks, one included.
+
+Without torchrun (WORLD_SIZE unset or 1) nothing here starts a process group, and `Ranks` is the trivial one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+# Shape letters as in train.py: b = sequences, L = padded length, D = hidden, N = completion positions, V = vocab.
+
+
+class Policy(nn.Module):
+    """The student as one module whose forward ends in the per-token losses.
+
+    FSDP gathers a unit's parameters around that unit's forward. The fused loss reads `lm_head.weight` itself
+    (logits = hidden @ W.T in chunks, never the full [N, V] logits), so it has to run inside a forward of the
+    unit that owns lm_head: this one. Without FSDP it is a thin wrapper, so both paths run the same code.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids_bL, attention_mask_bL, seq_N, row_N, head: Callable[..., Any]):
+        """`head(hidden_ND, weight_VD, sampled_N)`: the losses at the completion positions (row t-1 predicts t)."""
+        hidden_bLD = self.model.get_decoder()(input_ids=input_ids_bL, attention_mask=attention_mask_bL).last_hidden_state
+        weight_VD = self.model.get_output_embeddings().weight
+        return head(hidden_bLD[seq_N, row_N].to(weight_VD.dtype), weight_VD, input_ids_bL[seq_N, row_N + 1])
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the trainer processes; every collective is a no-op when world == 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, on every rank)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0, in rank order (None elsewhere). Picklable objects; in-process only."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def shard_of(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous share of n items (shares differ by at most one)."""
+        per, extra = divmod(n, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        return start, start + per + (self.rank < extra)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_ranks(device: str, timeout_s: float) -> tuple[Ranks, torch.device | None]:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU). Returns (ranks, this rank's device);
+    the device is None when not launched by torchrun (the caller resolves it as before)."""
+    world = world_from_env()
+    if world == 1:
+        return Ranks(), None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(
+            f"model.device={device!r} under torchrun: each rank takes the GPU of its LOCAL_RANK; use model.device=auto "
+            "(or cuda / cpu) and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    return Ranks(rank, world, local_rank), dev
+
+
+def close_ranks(ranks: Ranks) -> None:
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the classes a transformers model lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(policy: Policy, ranks: Ranks, device: torch.device) -> None:
+    """FSDP2: one unit per decoder layer, then the root unit; parameters move to `device`, 1/N on each rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(policy.model)
+    if not layers:
+        raise SystemExit(
+            f"{type(policy.model).__name__} names no decoder layer class in _no_split_modules, so FSDP cannot shard it "
+            "layer by layer; use a transformers causal LM (Llama, Qwen, Mistral, ...)"
+        )
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ over DTensor gradients returns a DTensor: its full value is the global norm."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(policy: Policy) -> dict[str, torch.Tensor]:
+    """The student's full weights under their Hugging Face names, on CPU. Collective; rank 0 gets them, the
+    others an empty dict."""
+    sd = get_model_state_dict(policy, options=_FULL)
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def full_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state unsharded, keyed by parameter name (loads on any number of ranks). Collective when
+    sharded; then only rank 0 gets it."""
+    return get_optimizer_state_dict(policy, optimizer, options=_FULL)
+
+
+def load_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Inverse of `full_optimizer_state` on any number of ranks (each rank keeps its shard of the full state).
+    Also reads the index-keyed `optimizer.state_dict()` of checkpoints written before name-keyed states."""
+    if any(isinstance(k, int) for k in state.get("state", {})):
+        optimizer.load_state_dict(state)
+        return
+    optimizer.zero_grad(set_to_none=True)  # the loader initialises the state only when no gradient is present
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@torch.no_grad()
+def copy_weights(policy: Policy, replica: nn.Module) -> None:
+    """Make `replica` (a full, unsharded copy for generation) equal to the sharded policy. Collective: one
+    all-gather per parameter, so at most one full parameter is in flight besides the replica."""
+    for name, p in policy.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        replica.get_parameter(name.removeprefix("model.")).copy_(full)
+
+
+def local_chunks(n_prompts: int, chunk: int, ranks: Ranks) -> list[tuple[int, int, int]]:
+    """This rank's share of a step's prompts as (global chunk index, start, stop) triples.
+
+    Rank r takes prompts [r*n/W, (r+1)*n/W) in chunks of `chunk`. When (n/W) is a multiple of `chunk`, the
+    chunks and their indices (which seed the sampling) are the single-process ones, so rollouts do not depend
+    on the number of ranks; otherwise indices stay unique across ranks.
+    """
+    if n_prompts % ranks.world:
+        raise SystemExit(
+            f"rollout.prompts_per_step={n_prompts} does not split evenly over {ranks.world} ranks (every rank must run "
+            f"the same number of micro-batches); use a multiple of {ranks.world}"
+        )
+    per = n_prompts // ranks.world
+    lo, first = ranks.rank * per, ranks.rank * math.ceil(per / chunk)
+    return [(first + i, lo + a, lo + min(a + chunk, per)) for i, a in enumerate(range(0, per, chunk))]

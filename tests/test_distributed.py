@@ -1,0 +1,160 @@
+"""The multi-process trainer (torchrun + FSDP2) on CPU: gloo, 2 processes, a live teacher on 127.0.0.1.
+
+Both runs see the same global batch (same prompts, and the same rollouts: each rank samples whole chunks with
+the single-process seeds), so a 2-rank run must reproduce the single-process losses and weights up to float
+reassociation: FSDP sums the ranks' gradients in another order than one process accumulates micro-batches.
+Tolerance: losses to 1e-5 relative; weights to 2e-5 absolute after two AdamW steps at lr 1e-3 (Adam divides
+by sqrt(v), so a ~1e-7 relative gradient difference moves an update by ~1e-7 of lr; 2e-5 still sits 50x below
+the size of one update, so a mismatch of the data, the loss normalisation or the gradient averaging fails it).
+Checkpoints are full and keyed by name, so a 2-rank checkpoint resumes on 1 rank and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from student_trainer.config import dump_config, load_config
+from student_trainer.parallel import Ranks, local_chunks
+from student_trainer.tiny_models import build_tiny_model
+from teacher_server.app import create_app
+from tests.conftest import LiveServer, teacher_settings
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+LOSS_TOL = 1e-5
+WEIGHT_TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    student = build_tiny_model(d / "student", hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128,
+                               seed=3, tokenizer_dir=tiny_model_dir)
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4)]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    with LiveServer(create_app(teacher_settings(tiny_model_dir, "hf", batch_wait_ms=0))) as server:
+        yield {"student": student, "dir": d, "url": server.url}
+
+
+def write_config(setup, run_dir: Path, *overrides: str) -> Path:
+    d = setup["dir"]
+    cfg = load_config(None, [
+        f"model.path={setup['student']}", f"teacher.url={setup['url']}", "teacher.top_k=8",
+        f"data.train_path={d / 'train.jsonl'}", f"data.eval_path={d / 'eval.jsonl'}", "data.apply_chat_template=false",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
+        "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3", "loss.mode=aopd",
+        f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=0", "train.progress=false",
+        "train.dump_rollouts_every=1", "train.hist_every=1", *overrides,
+    ])
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    dump_config(cfg, path)
+    return path
+
+
+def run(config: Path, nproc: int, *args: str) -> str:
+    # One thread per process: both runs then take the same float paths in the same kernels.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "student_trainer", "--config", str(config), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "optim/grad_norm" in r]
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= WEIGHT_TOL, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def single(setup) -> Path:
+    """The reference: one process, two steps."""
+    run_dir = setup["dir"] / "single"
+    run(write_config(setup, run_dir), 1)
+    return run_dir
+
+
+def test_two_ranks_match_one_process_on_the_same_global_batch(setup, single):
+    run_dir = setup["dir"] / "two"
+    out = run(write_config(setup, run_dir, "train.eval_every=2"), 2)
+    assert out.count("step 00001/00002") == 1, "only rank 0 prints step lines"
+    a, b = steps(single), steps(run_dir)
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        # the same rollouts: same lengths and correctness over the global batch
+        assert ra["rollout/len_mean"] == rb["rollout/len_mean"]
+        assert ra["rollout/correct_frac"] == rb["rollout/correct_frac"]
+        for k in ("loss/total", "loss/pg", "loss/div", "aopd/intervention_ratio", "policy/entropy", "optim/grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=LOSS_TOL, abs=1e-7), k
+        assert len(rb["adv/hist_counts"]) == len(ra["adv/hist_counts"])
+        assert sum(rb["adv/hist_counts"]) == sum(ra["adv/hist_counts"])  # every rank's tokens reached rank 0
+    dumped = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (single / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["completion_ids"] for r in dumped] == [r["completion_ids"] for r in reference]
+    assert_weights_close(weights(single, 2), weights(run_dir, 2))
+    init = load_file(str(setup["student"] / "model.safetensors"))
+    assert any(not torch.equal(v, init[k]) for k, v in weights(run_dir, 2).items()), "training changed nothing"
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # each rank evaluated a share; rank 0 merged and logged once
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(setup, single):
+    # 2 ranks, stop after step 1 -> resume on 1 process for step 2
+    run_dir = setup["dir"] / "two_then_one"
+    cfg = write_config(setup, run_dir, "train.stop_after_steps=1")
+    run(cfg, 2)
+    assert (run_dir / "checkpoints" / "step_000001").is_dir()
+    assert not (run_dir / "checkpoints" / "step_000002").exists()
+    run(write_config(setup, run_dir), 1, "--resume")
+    assert [r["step"] for r in steps(run_dir)] == [1, 2]
+    assert_weights_close(weights(single, 2), weights(run_dir, 2))
+
+    # 1 process, stop after step 1 -> resume on 2 ranks for step 2
+    run_dir = setup["dir"] / "one_then_two"
+    run(write_config(setup, run_dir, "train.stop_after_steps=1"), 1)
+    run(write_config(setup, run_dir), 2, "--resume")
+    assert_weights_close(weights(single, 2), weights(run_dir, 2))
+    state = torch.load(run_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
+    exp_avg = {k: v["exp_avg"] for k, v in state["optimizer"]["state"].items()}
+    assert all(isinstance(k, str) for k in exp_avg)  # keyed by parameter name: loads on any number of ranks
+    full = weights(run_dir, 2)
+    assert {k.removeprefix("model.") for k in exp_avg} == set(full)
+    assert all(exp_avg[k].shape == full[k.removeprefix("model.")].shape for k in exp_avg)  # unsharded
+
+
+def test_prompts_split_into_whole_chunks_with_single_process_seeds():
+    one = local_chunks(8, 2, Ranks())
+    two = [local_chunks(8, 2, Ranks(rank=r, world=2)) for r in range(2)]
+    assert one == [(0, 0, 2), (1, 2, 4), (2, 4, 6), (3, 6, 8)]
+    assert two[0] + two[1] == one
+    uneven = [c for r in range(2) for c in local_chunks(6, 2, Ranks(rank=r, world=2))]  # 3 prompts per rank
+    assert [(s, e) for _, s, e in uneven] == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    assert len({ci for ci, _, _ in uneven}) == 4  # chunk indices (sampling seeds) stay unique
+    with pytest.raises(SystemExit, match="multiple of 2"):
+        local_chunks(5, 2, Ranks(rank=0, world=2))
+
+
+def test_eval_shards_cover_every_problem_once():
+    spans = [Ranks(rank=r, world=3).shard_of(7) for r in range(3)]
+    assert spans == [(0, 3), (3, 5), (5, 7)]
+    assert Ranks(rank=1, world=2).shard_of(1) == (1, 1)  # fewer problems than ranks: an empty share
