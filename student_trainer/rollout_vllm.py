@@ -12,7 +12,9 @@ Only this module (on the trainer side) imports vllm.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -31,7 +33,11 @@ class VLLMGenerator(Generator):
         gpu_memory_utilization: float = 0.3,
         seed: int = 0,
         weights_dir: str | None = None,
+        gpu: int | None = None,
     ):
+        """`weights_dir`: where `load_weights` writes the new weights (default: a fresh directory in /dev/shm,
+        removed by `close`). `gpu`: index among the visible GPUs to run the engine on (one engine per trainer
+        rank under torchrun); None: vLLM's default, the first."""
         import torch
         from vllm import LLM
 
@@ -45,14 +51,18 @@ class VLLMGenerator(Generator):
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.llm = LLM(**kwargs)
+        with standalone_engine_env(gpu if on_gpu else None):
+            self.llm = LLM(**kwargs)
         self.eos = tokenizer.eos_token_id
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.owns_weights_dir = weights_dir is None
         self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm)
 
-    def load_weights(self, model) -> None:
-        """Push the trainer's current weights into the running engine."""
-        model.save_pretrained(self.weights_dir, safe_serialization=True)
+    def load_weights(self, model, state_dict=None, *, write: bool = True) -> None:
+        """Push the trainer's current weights into the running engine. `state_dict`: the full weights when
+        `model` holds a shard (FSDP); `write=False`: another rank has already written them to `weights_dir`."""
+        if write:
+            model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=state_dict)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         self.llm.reset_prefix_cache()
 
@@ -87,3 +97,33 @@ class VLLMGenerator(Generator):
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
             engine.engine_core.shutdown()
+        if self.owns_weights_dir:  # a copy of the model in /dev/shm is memory until removed
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+# torchrun's variables: an engine started inside a trainer rank must not take itself for a member of that group
+_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+@contextlib.contextmanager
+def standalone_engine_env(gpu: int | None):
+    """While vLLM starts its engine process (which inherits this environment): hide torchrun's variables and,
+    when `gpu` is given, make only that GPU visible (mapped through an existing CUDA_VISIBLE_DEVICES)."""
+    saved = {k: os.environ.get(k) for k in (*_TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES")}
+    try:
+        for k in _TORCHRUN_ENV:
+            os.environ.pop(k, None)
+        if gpu is not None:
+            import torch
+
+            visible = saved["CUDA_VISIBLE_DEVICES"]
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu]
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

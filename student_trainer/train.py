@@ -284,10 +284,10 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         dump_config(cfg, run_dir / "config.yaml")
     device, dtype = resolve_device_dtype(str(rank_device) if rank_device else cfg.model.device, cfg.model.dtype)
     chunks_of_step = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
-    if ranks.world > 1 and cfg.rollout.engine == "vllm":
+    if cfg.rollout.engine == "vllm" and int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) != ranks.world:
         raise SystemExit(
-            "rollout.engine=vllm under torchrun is not supported yet: use rollout.engine=hf with several ranks, or one "
-            "process with rollout.engine=vllm"
+            "rollout.engine=vllm on several nodes is not supported: the ranks' engines reload the weights rank 0 "
+            "writes to its /dev/shm; run on one node, or use rollout.engine=hf"
         )
     torch.manual_seed(cfg.train.seed)
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -367,12 +367,23 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
     if cfg.rollout.engine == "vllm":
+        import tempfile
+
         from student_trainer.rollout_vllm import VLLMGenerator
 
+        # one engine per rank, on the rank's GPU; under torchrun rank 0 writes each update once, to a directory
+        # (in /dev/shm) that every rank's engine reloads from
+        shared_dir = None
+        if ranks.world > 1:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            shared_dir = ranks.broadcast(tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm) if ranks.main else None)
         generator = VLLMGenerator(
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
+            weights_dir=shared_dir, gpu=device.index if device.type == "cuda" and ranks.world > 1 else None,
         )
+        if shared_dir is not None:
+            generator.owns_weights_dir = ranks.main  # rank 0 removes the directory at the end
     else:
         generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)
     scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
@@ -506,8 +517,15 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if cfg.rollout.engine == "vllm":
-                generator.load_weights(model)  # the next rollouts sample from the updated policy
+            if cfg.rollout.engine == "vllm":  # the next rollouts sample from the updated policy
+                if ranks.world == 1:
+                    generator.load_weights(model)
+                else:
+                    weights = full_model_state(policy)  # collective; rank 0 writes, then every engine reloads
+                    if ranks.main:
+                        model.save_pretrained(generator.weights_dir, safe_serialization=True, state_dict=weights)
+                    ranks.barrier()
+                    generator.load_weights(model, write=False)
             if replica is not None:
                 copy_weights(policy, replica)
             t_update = time.perf_counter() - t_up

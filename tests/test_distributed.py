@@ -25,7 +25,7 @@ from student_trainer.config import dump_config, load_config
 from student_trainer.parallel import Ranks, local_chunks
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.app import create_app
-from tests.conftest import LiveServer, teacher_settings
+from tests.conftest import HAS_VLLM, LiveServer, teacher_settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -158,3 +158,20 @@ def test_eval_shards_cover_every_problem_once():
     spans = [Ranks(rank=r, world=3).shard_of(7) for r in range(3)]
     assert spans == [(0, 3), (3, 5), (5, 7)]
     assert Ranks(rank=1, world=2).shard_of(1) == (1, 1)  # fewer problems than ranks: an empty share
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+def test_two_ranks_with_vllm_rollout_engines_follow_the_sharded_policy(setup):
+    """Each rank runs its own vLLM engine; after every step rank 0 writes the gathered weights once and every
+    engine reloads them. The importance weight p_policy / p_engine at the sampled tokens is then 1 (to float
+    rounding, ~1e-6 here); an engine left on stale weights moves it by ~1e-2 after one step at lr 1e-3."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("aopd-student-weights-*")) if shm.is_dir() else set()
+    run_dir = setup["dir"] / "two_vllm"
+    run(write_config(setup, run_dir, "rollout.engine=vllm", "loss.importance_correction=true", "train.steps=3"), 2)
+    records = steps(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(abs(r["is/weight_mean"] - 1.0) < 1e-3 for r in records), [r["is/weight_mean"] for r in records]
+    after = set(shm.glob("aopd-student-weights-*")) if shm.is_dir() else set()
+    assert after <= before, "the shared weights directory is removed at the end"
