@@ -14,5 +14,6 @@ RUN pip install --no-cache-dir --no-deps . \
         "fastapi==0.136.3" "prometheus-client==0.26.0"
 
 WORKDIR /work
-ENTRYPOINT ["python", "-m", "student_trainer"]
-CMD ["--help"]
+# torchrun (one process per GPU; FSDP2 when more than one), then the same `-m student_trainer` the tests run
+ENTRYPOINT ["python", "-m", "torch.distributed.run", "--standalone"]
+CMD ["--nproc-per-node", "1", "-m", "student_trainer", "--help"]

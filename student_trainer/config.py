@@ -91,6 +91,12 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this (logged before clipping).")
+    fp32_master_weights: bool = Field(
+        True, description="When model.dtype is bfloat16: keep float32 weights, gradient reduction and optimizer "
+        "state, and compute in bfloat16 (FSDP2 mixed precision, also in one process). false: train the bfloat16 "
+        "weights themselves (less memory, but an update below ~1/256 of a weight rounds away: lr 1e-5 on weights "
+        "of 0.01 changes nothing).",
+    )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate over "
                                   "the step's micro-batches (the step's update does not depend on it).")
 

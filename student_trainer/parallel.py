@@ -8,7 +8,10 @@ token / sequence count, so the summed gradient equals the single-process one). R
 Checkpoints hold full (unsharded) weights in Hugging Face format and a full optimizer state keyed by parameter
 name, so a run can resume on any number of ranks, one included.
 
-Without torchrun (WORLD_SIZE unset or 1) nothing here starts a process group, and `Ranks` is the trivial one.
+Mixed precision (model.dtype bfloat16 with optim.fp32_master_weights, the GPU default) also goes through
+FSDP2, in one process too (a process group of one): float32 weights, gradients and optimizer state, bfloat16
+compute, float32 gradient reduction. Otherwise, without torchrun, nothing here starts a process group and
+`Ranks` is the trivial one.
 """
 
 from __future__ import annotations
@@ -111,11 +114,15 @@ def world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_ranks(device: str, timeout_s: float) -> tuple[Ranks, torch.device | None]:
+def init_ranks(device: str, timeout_s: float, *, single_group: torch.device | None = None) -> tuple[Ranks, torch.device | None]:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU). Returns (ranks, this rank's device);
-    the device is None when not launched by torchrun (the caller resolves it as before)."""
+    the device is None when not launched by torchrun (the caller resolves it as before). `single_group`: not
+    under torchrun, but FSDP is wanted on this one device (mixed precision): a process group of one."""
     world = world_from_env()
     if world == 1:
+        if single_group is not None and not dist.is_initialized():
+            backend = "nccl" if single_group.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return Ranks(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
@@ -131,8 +138,8 @@ def init_ranks(device: str, timeout_s: float) -> tuple[Ranks, torch.device | Non
     return Ranks(rank, world, local_rank), dev
 
 
-def close_ranks(ranks: Ranks) -> None:
-    if ranks.world > 1 and dist.is_initialized():
+def close_ranks() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -142,10 +149,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(policy: Policy, ranks: Ranks, device: torch.device) -> None:
-    """FSDP2: one unit per decoder layer, then the root unit; parameters move to `device`, 1/N on each rank."""
+def shard(policy: Policy, ranks: Ranks, device: torch.device, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: one unit per decoder layer, then the root unit; parameters move to `device`, 1/N on each rank.
+    `compute_dtype`: mixed precision; the sharded weights keep their dtype (float32 masters), each unit's
+    forward and backward run in `compute_dtype`, and gradients are reduced in float32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layers = decoder_layers(policy.model)
     if not layers:
@@ -154,9 +163,10 @@ def shard(policy: Policy, ranks: Ranks, device: torch.device) -> None:
             "layer by layer; use a transformers causal LM (Llama, Qwen, Mistral, ...)"
         )
     mesh = init_device_mesh(device.type, (ranks.world,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:

@@ -39,6 +39,7 @@ from student_trainer.parallel import (
     full_optimizer_state,
     grad_norm_value,
     init_ranks,
+    world_from_env,
     load_optimizer_state,
     local_chunks,
     shard,
@@ -79,6 +80,11 @@ def lr_lambda(cfg: RunConfig):
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def mixed_precision(cfg: RunConfig, dtype: torch.dtype) -> bool:
+    """bfloat16 compute over float32 master weights (FSDP2 mixed precision), the default on GPU."""
+    return dtype != torch.float32 and cfg.optim.fp32_master_weights
 
 
 def check_fused_head(model) -> None:
@@ -266,11 +272,17 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Train; under torchrun every rank calls this (see student_trainer/parallel.py). Returns the last eval
     metrics (on rank 0; {} on the others)."""
     # a rank waiting in a collective while another rides out a teacher outage must not time out first
-    ranks, rank_device = init_ranks(cfg.model.device, timeout_s=max(1800.0, cfg.teacher.outage_timeout_s + 600.0))
+    single = None  # one process with mixed precision: FSDP2 over a process group of one
+    if world_from_env() == 1:
+        dev, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
+        single = dev if mixed_precision(cfg, dtype) else None
+    ranks, rank_device = init_ranks(
+        cfg.model.device, timeout_s=max(1800.0, cfg.teacher.outage_timeout_s + 600.0), single_group=single
+    )
     try:
         return _train(cfg, resume, ranks, rank_device)
     finally:
-        close_ranks(ranks)
+        close_ranks()
 
 
 def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> dict[str, float]:
@@ -283,6 +295,8 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     if ranks.main:
         dump_config(cfg, run_dir / "config.yaml")
     device, dtype = resolve_device_dtype(str(rank_device) if rank_device else cfg.model.device, cfg.model.dtype)
+    mixed = mixed_precision(cfg, dtype)
+    sharded = ranks.world > 1 or mixed  # the policy is an FSDP2 module (see student_trainer/parallel.py)
     chunks_of_step = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
     if cfg.rollout.engine == "vllm" and int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) != ranks.world:
         raise SystemExit(
@@ -297,7 +311,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if mixed else dtype)
     # eval mode throughout: lp_S, the advantage and the mask must come from the policy itself, not a
     # dropout-perturbed one (gradients flow the same in eval mode)
     model.eval()
@@ -305,11 +319,14 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     vocab = model.get_output_embeddings().weight.shape[0]
     policy = Policy(model)
     replica = None  # under FSDP: a full copy on each rank that HF generate samples from, synced after each step
-    if ranks.world > 1:
+    if sharded:
         if cfg.rollout.engine == "hf" and cfg.loss.mode != "seqkd":
             replica = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        shard(policy, ranks, device)  # moves this rank's shard to `device`
-        logger.info("rank %d/%d: FSDP2 on %s", ranks.rank, ranks.world, device)
+        shard(policy, ranks, device, compute_dtype=dtype if mixed else None)  # moves this rank's shard to `device`
+        logger.info(
+            "rank %d/%d: FSDP2 on %s%s", ranks.rank, ranks.world, device,
+            f", {dtype} compute with float32 master weights" if mixed else "",
+        )
     else:
         model.to(device)
 
@@ -374,7 +391,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         # one engine per rank, on the rank's GPU; under torchrun rank 0 writes each update once, to a directory
         # (in /dev/shm) that every rank's engine reloads from
         shared_dir = None
-        if ranks.world > 1:
+        if sharded:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             shared_dir = ranks.broadcast(tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm) if ranks.main else None)
         generator = VLLMGenerator(
@@ -420,7 +437,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
 
     def checkpoint(step: int) -> None:
         # full weights and a name-keyed full optimizer state (collectives when sharded), written by rank 0
-        weights = full_model_state(policy) if ranks.world > 1 else None
+        weights = full_model_state(policy) if sharded else None
         optim_state = full_optimizer_state(policy, optimizer)
         if ranks.main:
             save_checkpoint(
@@ -518,7 +535,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.rollout.engine == "vllm":  # the next rollouts sample from the updated policy
-                if ranks.world == 1:
+                if not sharded:
                     generator.load_weights(model)
                 else:
                     weights = full_model_state(policy)  # collective; rank 0 writes, then every engine reloads

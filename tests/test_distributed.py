@@ -160,6 +160,33 @@ def test_eval_shards_cover_every_problem_once():
     assert Ranks(rank=1, world=2).shard_of(1) == (1, 1)  # fewer problems than ranks: an empty share
 
 
+def changed_fraction(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(int((a[k] != b[k]).sum()) for k in a) / sum(v.numel() for v in a.values())
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_in_one_and_two_processes(setup):
+    """model.dtype=bfloat16 with fp32 master weights (the GPU default) goes through FSDP2 mixed precision, in one
+    process too. At lr 1e-5 an Adam update (~1e-5 per element) is far below bfloat16's spacing at these weights,
+    so training the bfloat16 weights themselves loses most updates; float32 masters keep them."""
+    common = ["model.dtype=bfloat16", "optim.lr=1e-5", "train.dump_rollouts_every=0"]
+    init = load_file(str(setup["student"] / "model.safetensors"))
+    init_bf16 = {k: v.bfloat16() for k, v in init.items()}
+    master, plain, two = (setup["dir"] / n for n in ("bf16_master", "bf16_plain", "bf16_two"))
+    run(write_config(setup, master, *common), 1)
+    run(write_config(setup, plain, *common, "optim.fp32_master_weights=false"), 1)
+    run(write_config(setup, two, *common), 2)
+    for run_dir in (master, two):
+        w = weights(run_dir, 2)
+        assert all(v.dtype == torch.float32 for v in w.values())
+        assert changed_fraction(init, w) > 0.5  # measured 0.81 (the rest: embeddings of tokens never seen)
+        assert all(r["loss/total"] == r["loss/total"] for r in steps(run_dir))  # finite
+    w_plain = weights(plain, 2)
+    assert all(v.dtype == torch.bfloat16 for v in w_plain.values())
+    assert changed_fraction(init_bf16, w_plain) < 0.25  # measured 0.09: most updates rounded away
+    # step 1 sees the same rollouts (sampled from the same bfloat16 weights): same loss to bfloat16 precision
+    assert steps(two)[0]["loss/total"] == pytest.approx(steps(master)[0]["loss/total"], rel=1e-2)
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
 def test_two_ranks_with_vllm_rollout_engines_follow_the_sharded_policy(setup):

@@ -5,6 +5,7 @@ commands parsed by the same entry points the tests run."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -71,12 +72,20 @@ def test_teacher_command_parses_with_the_server_cli(compose):
 def test_trainer_command_and_example_config_parse(compose):
     from student_trainer.config import load_config
 
+    from torch.distributed.run import get_args_parser
+
+    entry = (DOCKER / "trainer.Dockerfile").read_text()
+    launcher = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", entry, re.M).group(1))
+    assert launcher[:3] == ["python", "-m", "torch.distributed.run"]
     cmd = compose["services"]["trainer"]["command"]
-    assert cmd[0] == "--config" and "--resume" in cmd
-    overrides = [c for c in cmd[2:] if "=" in c]
+    torchrun = get_args_parser().parse_args(launcher[3:] + cmd)  # torchrun's own parser
+    assert torchrun.standalone and torchrun.nproc_per_node == "1" and torchrun.module
+    assert torchrun.training_script == "student_trainer"
+    args = torchrun.training_script_args
+    assert args[0] == "--config" and "--resume" in args
+    overrides = [c for c in args[2:] if "=" in c]
     cfg = load_config(DOCKER / "run.example.yaml", overrides)
     assert cfg.teacher.url == "http://teacher:8000" and cfg.loss.mode == "aopd"
-    assert 'ENTRYPOINT ["python", "-m", "student_trainer"]' in (DOCKER / "trainer.Dockerfile").read_text()
 
 
 def test_empty_api_key_means_no_auth():
