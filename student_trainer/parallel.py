@@ -174,6 +174,18 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def local_mib(policy: Policy, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """MiB of weights and of optimizer state this rank holds (its shards when sharded)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    weights = sum(nbytes(p) for p in policy.parameters())
+    state = sum(nbytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    return weights / 2**20, state / 2**20
+
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 

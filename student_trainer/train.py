@@ -39,10 +39,11 @@ from student_trainer.parallel import (
     full_optimizer_state,
     grad_norm_value,
     init_ranks,
-    world_from_env,
     load_optimizer_state,
     local_chunks,
+    local_mib,
     shard,
+    world_from_env,
 )
 from student_trainer.rollout import HFGenerator, Rollout
 from student_trainer.teacher_client import TeacherClient, TeacherError
@@ -271,11 +272,11 @@ def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Train; under torchrun every rank calls this (see student_trainer/parallel.py). Returns the last eval
     metrics (on rank 0; {} on the others)."""
-    # a rank waiting in a collective while another rides out a teacher outage must not time out first
     single = None  # one process with mixed precision: FSDP2 over a process group of one
     if world_from_env() == 1:
         dev, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
         single = dev if mixed_precision(cfg, dtype) else None
+    # (timeout: a rank waiting in a collective while another rides out a teacher outage must not time out first)
     ranks, rank_device = init_ranks(
         cfg.model.device, timeout_s=max(1800.0, cfg.teacher.outage_timeout_s + 600.0), single_group=single
     )
@@ -320,7 +321,8 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     policy = Policy(model)
     replica = None  # under FSDP: a full copy on each rank that HF generate samples from, synced after each step
     if sharded:
-        if cfg.rollout.engine == "hf" and cfg.loss.mode != "seqkd":
+        samples = cfg.loss.mode != "seqkd" or cfg.train.eval_every > 0  # seqkd samples only to evaluate
+        if cfg.rollout.engine == "hf" and samples:
             replica = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         shard(policy, ranks, device, compute_dtype=dtype if mixed else None)  # moves this rank's shard to `device`
         logger.info(
@@ -564,6 +566,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                 local = (adv_N, mask_N, ent_N, lines)
             gathered = ranks.gather(local)
             step_s = time.perf_counter() - t_step
+            weights_mib, optim_mib = local_mib(policy, optimizer)
             if ranks.main:
                 record: dict[str, Any] = {"step": step}
                 record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
@@ -596,7 +599,12 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                     "timing/update_s": t_update,
                     "timing/step_s": step_s,
                     "throughput/tok_per_s": n_tokens / step_s,
+                    # rank 0's share: 1/N of the whole when sharded over N ranks
+                    "memory/weights_mib": weights_mib,
+                    "memory/optimizer_mib": optim_mib,
                 })
+                if device.type == "cuda":
+                    record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
                 log(record)
                 print(
                     f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "

@@ -108,6 +108,9 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(setup, single):
             assert rb[k] == pytest.approx(ra[k], rel=LOSS_TOL, abs=1e-7), k
         assert len(rb["adv/hist_counts"]) == len(ra["adv/hist_counts"])
         assert sum(rb["adv/hist_counts"]) == sum(ra["adv/hist_counts"])  # every rank's tokens reached rank 0
+        # FSDP: each of 2 ranks holds half the weights and half the optimizer state (up to padding of odd rows)
+        assert rb["memory/weights_mib"] == pytest.approx(ra["memory/weights_mib"] / 2, rel=0.02)
+        assert rb["memory/optimizer_mib"] == pytest.approx(ra["memory/optimizer_mib"] / 2, rel=0.02)
     dumped = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (single / "rollouts.jsonl").read_text().splitlines()]
     assert [r["completion_ids"] for r in dumped] == [r["completion_ids"] for r in reference]
