@@ -79,6 +79,11 @@ class RolloutSection(_Section):
         "every optimizer step (its sampling logprobs feed loss.importance_correction)."
     )
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of the student's vLLM engine.")
+    vllm_sleep: bool = Field(
+        True, description="On GPU: put the engine to sleep (vLLM sleep mode, level 2: weights and KV cache freed) "
+        "while the trainer updates, and wake it for the new weights, so trainer and engine share one GPU. "
+        "Ignored on CPU.",
+    )
     generation_batch_size: int = Field(64, ge=1, description="Sequences per generate() call.")
 
 

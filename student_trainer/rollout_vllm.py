@@ -1,9 +1,12 @@
 """vLLM rollout engine for the student: `VLLMGenerator` behind the same `Generator` interface as `HFGenerator`.
 
 The student samples with vLLM; after every optimizer step the trainer calls `load_weights(model)`, which writes
-the new weights as safetensors (to /dev/shm when it exists) and has the running engine reload them
-(`collective_rpc("reload_weights", weights_path=...)`, then `reset_prefix_cache()`; the path that works on
-vLLM's CPU build, see shared/guides/environment.md). The sampled tokens' log-probabilities come from vLLM
+the new weights as safetensors (to /dev/shm when it exists, in the engine's dtype) and has the running engine
+reload them in place (`collective_rpc("reload_weights", weights_path=...)`, vLLM's in-place reload on both the
+GPU and the CPU worker, then `reset_prefix_cache()`). On GPU, with `sleep=True`, the trainer calls `sleep()`
+once a step's rollouts are generated: vLLM sleep mode level 2 frees the engine's weights and KV cache for the
+update; `load_weights` wakes the weights, reloads, then wakes the KV cache. (vLLM's CPU worker has no sleep
+mode, so this part has not run here.) The sampled tokens' log-probabilities come from vLLM
 (`logprobs_mode="raw_logprobs"`: the policy itself, before temperature/top-p), so the trainer can apply the
 stale-policy / engine-mismatch importance correction (`loss.importance_correction`).
 
@@ -34,6 +37,7 @@ class VLLMGenerator(Generator):
         seed: int = 0,
         weights_dir: str | None = None,
         gpu: int | None = None,
+        sleep: bool = True,
     ):
         """`weights_dir`: where `load_weights` writes the new weights (default: a fresh directory in /dev/shm,
         removed by `close`). `gpu`: index among the visible GPUs to run the engine on (one engine per trainer
@@ -49,8 +53,12 @@ class VLLMGenerator(Generator):
             max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, max_logprobs=1,
             logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
         )
+        self.sleep_enabled = on_gpu and sleep
+        self.asleep = False
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleep_enabled
+        self.dtype = getattr(torch, kwargs["dtype"])
         with standalone_engine_env(gpu if on_gpu else None):
             self.llm = LLM(**kwargs)
         self.eos = tokenizer.eos_token_id
@@ -62,9 +70,29 @@ class VLLMGenerator(Generator):
         """Push the trainer's current weights into the running engine. `state_dict`: the full weights when
         `model` holds a shard (FSDP); `write=False`: another rank has already written them to `weights_dir`."""
         if write:
-            model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=state_dict)
+            self.write_weights(model, state_dict)
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def write_weights(self, model, state_dict=None) -> None:
+        """Full weights to `weights_dir` as safetensors, in the engine's dtype (float32 masters are cast)."""
+        if state_dict is None and next(model.parameters()).dtype == self.dtype:
+            model.save_pretrained(self.weights_dir, safe_serialization=True)
+            return
+        sd = state_dict if state_dict is not None else model.state_dict()
+        sd = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=sd)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) until the next `load_weights`; no-op on CPU."""
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
         from vllm import SamplingParams

@@ -400,6 +400,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
             weights_dir=shared_dir, gpu=device.index if device.type == "cuda" and ranks.world > 1 else None,
+            sleep=cfg.rollout.vllm_sleep,
         )
         if shared_dir is not None:
             generator.owns_weights_dir = ranks.main  # rank 0 removes the directory at the end
@@ -501,6 +502,8 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                 t_gen += time.perf_counter() - t0
             if not cfg.rollout.stream and cfg.loss.mode != "seqkd":
                 futures.append(scorer.submit(pending))
+            if cfg.rollout.engine == "vllm":
+                generator.sleep()  # GPU: the engine's weights and KV cache make room for the update (no-op on CPU)
             t_wait0 = time.perf_counter()
             scored = [f.result() for f in futures] if futures else [Scored(pending, None, None, 0.0, 0.0)]
             t_wait = time.perf_counter() - t_wait0
@@ -542,7 +545,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                 else:
                     weights = full_model_state(policy)  # collective; rank 0 writes, then every engine reloads
                     if ranks.main:
-                        model.save_pretrained(generator.weights_dir, safe_serialization=True, state_dict=weights)
+                        generator.write_weights(model, weights)
                     ranks.barrier()
                     generator.load_weights(model, write=False)
             if replica is not None:
