@@ -96,4 +96,5 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     # weights_only: the state holds tensors, numbers, strings and dicts only; nothing executable is unpickled.
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    # mmap: under torchrun every rank reads the full optimizer state; pages are shared, not copied per rank
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)

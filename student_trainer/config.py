@@ -151,6 +151,10 @@ class TrainSection(_Section):
     )
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to <run_dir>/tb.")
     progress: bool = Field(True, description="Progress bars for long phases (generation, evaluation).")
+    dist_timeout_s: float | None = Field(
+        None, gt=0, description="torchrun: how long a rank waits in a collective for the others (default: "
+        "max(1800, teacher.outage_timeout_s + 600), so a teacher outage on one rank does not end the run).",
+    )
 
 
 class RunConfig(_Section):

@@ -122,6 +122,8 @@ def init_ranks(device: str, timeout_s: float, *, single_group: torch.device | No
     if world == 1:
         if single_group is not None and not dist.is_initialized():
             backend = "nccl" if single_group.type == "cuda" else "gloo"
+            if single_group.type == "cuda" and single_group.index is not None:
+                torch.cuda.set_device(single_group)  # FSDP places the shards on the current device
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return Ranks(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -205,9 +207,14 @@ def full_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer) -> di
 def load_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Inverse of `full_optimizer_state` on any number of ranks (each rank keeps its shard of the full state).
     Also reads the index-keyed `optimizer.state_dict()` of checkpoints written before name-keyed states."""
-    if any(isinstance(k, int) for k in state.get("state", {})):
-        optimizer.load_state_dict(state)
-        return
+    if any(isinstance(k, int) for k in state.get("state", {})) or any(
+        isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"]
+    ):  # index-keyed: indices follow policy.parameters(), i.e. named_parameters() order
+        names = [n for n, _ in policy.named_parameters()]
+        state = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
     optimizer.zero_grad(set_to_none=True)  # the loader initialises the state only when no gradient is present
     set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

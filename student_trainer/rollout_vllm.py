@@ -72,6 +72,11 @@ class VLLMGenerator(Generator):
         if write:
             self.write_weights(model, state_dict)
         if self.asleep:
+            import torch
+
+            # the engine allocates in its own process: hand back what this process's caching allocator holds
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         if self.asleep:

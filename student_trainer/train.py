@@ -277,9 +277,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         dev, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
         single = dev if mixed_precision(cfg, dtype) else None
     # (timeout: a rank waiting in a collective while another rides out a teacher outage must not time out first)
-    ranks, rank_device = init_ranks(
-        cfg.model.device, timeout_s=max(1800.0, cfg.teacher.outage_timeout_s + 600.0), single_group=single
-    )
+    timeout_s = cfg.train.dist_timeout_s or max(1800.0, cfg.teacher.outage_timeout_s + 600.0)
+    ranks, rank_device = init_ranks(cfg.model.device, timeout_s=timeout_s, single_group=single)
     try:
         return _train(cfg, resume, ranks, rank_device)
     finally:
@@ -306,6 +305,9 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         )
     torch.manual_seed(cfg.train.seed)
     ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = ranks.broadcast(ckpt)  # rank 0's choice; every rank must see the same directory
+    if ckpt is not None and not (ckpt / "trainer_state.pt").is_file():
+        raise SystemExit(f"rank {ranks.rank} cannot read {ckpt}: train.run_dir must be on a filesystem every rank sees")
     if resume and ckpt is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
     model_path = str(ckpt) if ckpt else cfg.model.path
@@ -399,7 +401,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         generator = VLLMGenerator(
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
-            weights_dir=shared_dir, gpu=device.index if device.type == "cuda" and ranks.world > 1 else None,
+            weights_dir=shared_dir, gpu=device.index if device.type == "cuda" else None,
             sleep=cfg.rollout.vllm_sleep,
         )
         if shared_dir is not None:
@@ -451,15 +453,14 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
             )
         ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
-    last_eval: dict[str, float] = {}
-    if cfg.train.eval_every and start_step == 0:
-        last_eval = run_eval(0)
-
     # ---------------------------------------------------------------- steps
     n_per_step = cfg.rollout.prompts_per_step
     steps_this_run = 0
     step = start_step
+    last_eval: dict[str, float] = {}
     try:
+        if cfg.train.eval_every and start_step == 0:
+            last_eval = run_eval(0)
         for step in range(start_step + 1, cfg.train.steps + 1):
             t_step = time.perf_counter()
             problems = sampler.next_batch(n_per_step)

@@ -205,3 +205,39 @@ def test_two_ranks_with_vllm_rollout_engines_follow_the_sharded_policy(setup):
     assert all(abs(r["is/weight_mean"] - 1.0) < 1e-3 for r in records), [r["is/weight_mean"] for r in records]
     after = set(shm.glob("aopd-student-weights-*")) if shm.is_dir() else set()
     assert after <= before, "the shared weights directory is removed at the end"
+
+
+def test_index_keyed_optimizer_state_of_older_checkpoints_loads_into_a_sharded_policy(setup):
+    """Checkpoints written before name-keyed optimizer states hold `optimizer.state_dict()` (keyed by index);
+    they resume into an FSDP2 policy too (here over a process group of one)."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from student_trainer.parallel import Policy, full_optimizer_state, load_optimizer_state, shard
+
+    def fresh(sharded: bool = False):
+        policy = Policy(AutoModelForCausalLM.from_pretrained(str(setup["student"]), dtype=torch.float32))
+        if sharded:
+            shard(policy, Ranks(), torch.device("cpu"))
+        return policy, torch.optim.AdamW(policy.parameters(), lr=1e-3)  # after sharding, as in train()
+
+    policy, opt = fresh()
+    policy.model(torch.arange(2, 12)[None]).logits.logsumexp(-1).sum().backward()
+    opt.step()
+    legacy = opt.state_dict()
+    assert all(isinstance(k, int) for k in legacy["state"])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded, opt2 = fresh(sharded=True)
+        load_optimizer_state(sharded, opt2, legacy)
+        loaded = full_optimizer_state(sharded, opt2)["state"]
+        names = [n for n, _ in policy.named_parameters()]
+        for i, name in enumerate(names):
+            assert torch.equal(loaded[name]["exp_avg"], legacy["state"][i]["exp_avg"]), name
+        ids = torch.arange(2, 12)[None]
+        rows = torch.arange(9)
+        loss = sharded(ids, torch.ones_like(ids), torch.zeros_like(rows), rows, lambda h, w, _: (h @ w.T).logsumexp(-1).sum())
+        loss.backward()
+        opt2.step()  # DTensor state: no mixed Tensor/DTensor error
+    finally:
+        dist.destroy_process_group()
