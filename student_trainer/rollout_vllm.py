@@ -36,11 +36,12 @@ class VLLMGenerator(Generator):
         gpu_memory_utilization: float = 0.3,
         seed: int = 0,
         weights_dir: str | None = None,
+        remove_weights_dir: bool | None = None,
         gpu: int | None = None,
         sleep: bool = True,
     ):
-        """`weights_dir`: where `load_weights` writes the new weights (default: a fresh directory in /dev/shm,
-        removed by `close`). `gpu`: index among the visible GPUs to run the engine on (one engine per trainer
+        """`weights_dir`: where the new weights are written and reloaded from (default: `new_weights_dir()`).
+        `remove_weights_dir`: whether `close` removes it (default: when it was created here). `gpu`: index among the visible GPUs to run the engine on (one engine per trainer
         rank under torchrun); None: vLLM's default, the first."""
         import torch
         from vllm import LLM
@@ -62,15 +63,16 @@ class VLLMGenerator(Generator):
         with standalone_engine_env(gpu if on_gpu else None):
             self.llm = LLM(**kwargs)
         self.eos = tokenizer.eos_token_id
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.owns_weights_dir = weights_dir is None
-        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm)
+        self.remove_weights_dir = weights_dir is None if remove_weights_dir is None else remove_weights_dir
+        self.weights_dir = weights_dir or new_weights_dir()
 
-    def load_weights(self, model, state_dict=None, *, write: bool = True) -> None:
-        """Push the trainer's current weights into the running engine. `state_dict`: the full weights when
-        `model` holds a shard (FSDP); `write=False`: another rank has already written them to `weights_dir`."""
-        if write:
-            self.write_weights(model, state_dict)
+    def load_weights(self, model) -> None:
+        """Push the trainer's current weights into the running engine."""
+        self.write_weights(model)
+        self.reload()
+
+    def reload(self) -> None:
+        """Have the engine reload the weights in `weights_dir` (written by `write_weights`, maybe by another rank)."""
         if self.asleep:
             import torch
 
@@ -130,8 +132,14 @@ class VLLMGenerator(Generator):
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
             engine.engine_core.shutdown()
-        if self.owns_weights_dir:  # a copy of the model in /dev/shm is memory until removed
+        if self.remove_weights_dir:  # a copy of the model in /dev/shm is memory until removed
             shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+def new_weights_dir() -> str:
+    """A fresh directory for handing weights to the engine: in /dev/shm (memory, not disk) when it exists."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    return tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm)
 
 
 # torchrun's variables: an engine started inside a trainer rank must not take itself for a member of that group

@@ -388,24 +388,17 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
     if cfg.rollout.engine == "vllm":
-        import tempfile
-
-        from student_trainer.rollout_vllm import VLLMGenerator
+        from student_trainer.rollout_vllm import VLLMGenerator, new_weights_dir
 
         # one engine per rank, on the rank's GPU; under torchrun rank 0 writes each update once, to a directory
         # (in /dev/shm) that every rank's engine reloads from
-        shared_dir = None
-        if sharded:
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            shared_dir = ranks.broadcast(tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm) if ranks.main else None)
+        shared_dir = ranks.broadcast(new_weights_dir() if ranks.main else None) if sharded else None
         generator = VLLMGenerator(
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
-            weights_dir=shared_dir, gpu=device.index if device.type == "cuda" else None,
-            sleep=cfg.rollout.vllm_sleep,
+            weights_dir=shared_dir, remove_weights_dir=ranks.main, sleep=cfg.rollout.vllm_sleep,
+            gpu=device.index if device.type == "cuda" else None,
         )
-        if shared_dir is not None:
-            generator.owns_weights_dir = ranks.main  # rank 0 removes the directory at the end
     else:
         generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)
     scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
@@ -548,7 +541,7 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                     if ranks.main:
                         generator.write_weights(model, weights)
                     ranks.barrier()
-                    generator.load_weights(model, write=False)
+                    generator.reload()
             if replica is not None:
                 copy_weights(policy, replica)
             t_update = time.perf_counter() - t_up
@@ -570,8 +563,8 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
                 local = (adv_N, mask_N, ent_N, lines)
             gathered = ranks.gather(local)
             step_s = time.perf_counter() - t_step
-            weights_mib, optim_mib = local_mib(policy, optimizer)
             if ranks.main:
+                weights_mib, optim_mib = local_mib(policy, optimizer)
                 record: dict[str, Any] = {"step": step}
                 record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
                 if gathered[0] is not None:

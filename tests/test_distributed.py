@@ -21,11 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from student_trainer.config import dump_config, load_config
+from student_trainer.config import dump_config
 from student_trainer.parallel import Ranks, local_chunks
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.app import create_app
 from tests.conftest import HAS_VLLM, LiveServer, teacher_settings
+from tests.test_train import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -47,15 +48,10 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def write_config(setup, run_dir: Path, *overrides: str) -> Path:
+    """test_train's config (4 prompts x 2 samples per step in chunks of 2, micro-batches of 3, 2 steps), as a file."""
     d = setup["dir"]
-    cfg = load_config(None, [
-        f"model.path={setup['student']}", f"teacher.url={setup['url']}", "teacher.top_k=8",
-        f"data.train_path={d / 'train.jsonl'}", f"data.eval_path={d / 'eval.jsonl'}", "data.apply_chat_template=false",
-        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
-        "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3", "loss.mode=aopd",
-        f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=0", "train.progress=false",
-        "train.dump_rollouts_every=1", "train.hist_every=1", *overrides,
-    ])
+    cfg = make_cfg(setup["student"], setup["url"], (d / "train.jsonl", d / "eval.jsonl"), run_dir,
+                   "loss.mode=aopd", "train.eval_every=0", "train.dump_rollouts_every=1", *overrides)
     path = run_dir.parent / f"{run_dir.name}.yaml"
     dump_config(cfg, path)
     return path
