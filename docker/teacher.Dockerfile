@@ -5,8 +5,8 @@ FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/aopd
 COPY pyproject.toml README.md constraints.txt ./
 COPY protocol ./protocol
+COPY generation ./generation
 COPY teacher_server ./teacher_server
-COPY student_trainer ./student_trainer
 COPY toy ./toy
 RUN pip install --no-cache-dir --no-deps . \
  && pip install --no-cache-dir "msgpack==1.2.4" "orjson==3.13.0" "pydantic-settings==2.16.3" \

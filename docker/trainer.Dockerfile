@@ -4,6 +4,7 @@ FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 WORKDIR /opt/aopd
 COPY pyproject.toml README.md constraints.txt ./
 COPY protocol ./protocol
+COPY generation ./generation
 COPY teacher_server ./teacher_server
 COPY student_trainer ./student_trainer
 COPY toy ./toy

@@ -8,6 +8,7 @@ to `<run_dir>/config.yaml`, so a run directory always says exactly what produced
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,49 @@ from student_trainer.losses import LossConfig
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class LossSection(_Section):
+    """The method: which per-token loss, and its knobs (shared/spec/method.md; student_trainer/losses.py)."""
+
+    mode: Literal["opd", "aopd", "aopd_add", "gkd", "aopd_zero", "aopd_acc", "exopd", "seqkd"] = Field(
+        "aopd", description="opd: policy gradient with the advantage A = lp_T(y) - lp_S(y) at every token. aopd: the "
+        "same where p_T(y) - p_S(y) > tau, a forward KL toward the teacher's top-k distribution elsewhere. aopd_add: "
+        "policy gradient everywhere plus that KL where masked. gkd: the KL everywhere. aopd_zero: KL where |A| <= "
+        "zero_eps. aopd_acc: KL where A <= 0 and the answer is wrong. exopd: extrapolated advantage lam * (lp_T - "
+        "lp_R) - (lp_S - lp_R) (needs teacher.ref_url). seqkd: supervised on the teacher's own samples.",
+    )
+    tau: float = Field(
+        0.0, description="AOPD threshold on p_T(y) - p_S(y), in [-1, 1]: intervene where it is <= tau. 0 = at zero and "
+        "negative advantages (the paper's setting); < -1 never intervenes (= opd); >= 1 always (= gkd).",
+    )
+    beta: float = Field(
+        0.0, description="Divergence at masked tokens, TRL's generalised JSD: 0 = forward KL(teacher || "
+        "student) (the paper's), 1 = reverse KL, in between the JSD with mixture weight beta.",
+    )
+    zero_eps: float = Field(1e-3, description="|A| <= zero_eps counts as a zero advantage (aopd_zero's mask, adv/frac_zero).")
+    lam: float = Field(1.25, description="exopd: the extrapolation factor lam; lam = 1 is opd.")
+    support_norm: Literal["both", "teacher"] = Field(
+        "both", description="Support of the divergence: both = teacher and student renormalised on the teacher's top-k "
+        "(the paper's); teacher = only the teacher, so the student's mass outside the top-k is pushed down too "
+        "(beta = 0 only).",
+    )
+    importance_correction: bool = Field(
+        False, description="Weight the policy gradient by min(pi/pi_behaviour, is_cap) using the sampling logprobs "
+        "(for rollouts from an older policy or another engine). Plain on-policy when false."
+    )
+    is_cap: float = Field(2.0, gt=0, description="Cap of the truncated importance weight (importance_correction).")
+    reduction: Literal["token", "sequence"] = Field(
+        "token", description="token: mean over all completion tokens of the step; sequence: mean of per-sequence means."
+    )
+    chunk_size: int = Field(128, ge=1, description="Positions per chunk of the fused lm_head + loss (the [chunk, V] "
+                            "logits are its largest temporaries; larger is faster on a GPU).")
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            mode=self.mode, tau=self.tau, beta=self.beta, zero_eps=self.zero_eps, lam=self.lam,
+            support_norm=self.support_norm, chunk_size=self.chunk_size, is_cap=self.is_cap,
+        )
 
 
 class ModelSection(_Section):
@@ -38,10 +82,10 @@ class TeacherSection(_Section):
         "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory.",
     )
     top_k: int = Field(32, ge=1, description="K: teacher top-k per position.")
-    encoding: Literal["msgpack", "json"] = "msgpack"
+    encoding: Literal["msgpack", "json"] = Field("msgpack", description="Wire encoding of scoring requests: msgpack (binary arrays, fast) or json (debugging).")
     timeout_s: float = Field(600.0, gt=0, description="Read timeout of one scoring request.")
     max_retries: int = Field(8, ge=0, description="Retries per request on connection errors / 429 / 502 / 503.")
-    max_backoff_s: float = Field(30.0, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two retries (a Retry-After is capped to it).")
     startup_wait_s: float = Field(600.0, ge=0, description="How long to wait for a teacher that is down at start-up.")
     outage_timeout_s: float = Field(
         3600.0, ge=0, description="Mid-run: keep retrying a step's scoring this long before giving up (the step's "
@@ -53,19 +97,19 @@ class TeacherSection(_Section):
 class DataSection(_Section):
     train_path: str = Field(description="Training prompts: local JSONL or Parquet.")
     eval_path: str | None = Field(None, description="Held-out problems with answers, for pass@k.")
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    prompt_field: str = Field("prompt", description="Field of each record holding the prompt text.")
+    answer_field: str = Field("answer", description="Field holding the reference answer (for correctness and pass@k).")
     apply_chat_template: bool | None = Field(None, description="None: apply when the tokenizer has a chat template.")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="System message put before each prompt by the chat template.")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems only.")
 
 
 class RolloutSection(_Section):
-    prompts_per_step: int = Field(16, ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    prompts_per_step: int = Field(16, ge=1, description="Prompts drawn per optimizer step (split over ranks under torchrun).")
+    samples_per_prompt: int = Field(4, ge=1, description="Completions the student samples per prompt.")
+    max_new_tokens: int = Field(256, ge=1, description="Length limit of a completion (rollouts and evaluation).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of rollouts (1 = on-policy; 0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts (1 = off, on-policy).")
     stream_chunk_prompts: int = Field(
         4, ge=1, description="Prompts per streamed chunk: each chunk's rollouts go to the teacher as soon as they are "
         "generated, so scoring overlaps the generation of the next chunk."
@@ -88,13 +132,13 @@ class RolloutSection(_Section):
 
 
 class OptimSection(_Section):
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (peak, after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from lr/warmup_steps to lr over this many steps.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant lr, or cosine decay to min_lr_ratio * lr.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of lr.")
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this (logged before clipping).")
     fp32_master_weights: bool = Field(
         True, description="When model.dtype is bfloat16: keep float32 weights, gradient reduction and optimizer "
@@ -106,38 +150,14 @@ class OptimSection(_Section):
                                   "the step's micro-batches (the step's update does not depend on it).")
 
 
-class LossSection(_Section):
-    mode: Literal["opd", "aopd", "aopd_add", "gkd", "aopd_zero", "aopd_acc", "exopd", "seqkd"] = "aopd"
-    tau: float = 0.0
-    beta: float = 0.0
-    zero_eps: float = 1e-3
-    lam: float = 1.25
-    support_norm: Literal["both", "teacher"] = "both"
-    chunk_size: int = Field(128, ge=1, description="Positions per chunk of the fused lm_head + loss.")
-    is_cap: float = Field(2.0, gt=0)
-    importance_correction: bool = Field(
-        False, description="Weight the policy gradient by min(pi/pi_behaviour, is_cap) using the sampling logprobs "
-        "(for rollouts from an older policy or another engine). Plain on-policy when false."
-    )
-    reduction: Literal["token", "sequence"] = Field(
-        "token", description="token: mean over all completion tokens of the step; sequence: mean of per-sequence means."
-    )
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(
-            mode=self.mode, tau=self.tau, beta=self.beta, zero_eps=self.zero_eps, lam=self.lam,
-            support_norm=self.support_norm, chunk_size=self.chunk_size, is_cap=self.is_cap,
-        )
-
-
 class TrainSection(_Section):
-    steps: int = Field(100, ge=1)
-    seed: int = 0
+    steps: int = Field(100, ge=1, description="Optimizer steps of the whole run.")
+    seed: int = Field(0, description="Seeds prompt order, sampling and evaluation: a run is a function of its config.")
     run_dir: str = Field("runs/default", description="Metrics, resolved config and checkpoints go here.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (and at start and end); 0 = never.")
     eval_n: int = Field(4, ge=1, description="Samples per held-out problem.")
     eval_ks: list[int] = Field(default_factory=lambda: [1, 4], description="pass@k values reported.")
-    eval_temperature: float = Field(1.0, ge=0)
+    eval_temperature: float = Field(1.0, ge=0, description="Sampling temperature of the pass@k evaluation.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (and at the end); 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk (oldest deleted first).")
     stop_after_steps: int | None = Field(
@@ -159,12 +179,12 @@ class TrainSection(_Section):
 
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run label in plots (default: the run directory's name).")
+    loss: LossSection = LossSection()
     model: ModelSection
     teacher: TeacherSection = TeacherSection()
     data: DataSection
     rollout: RolloutSection = RolloutSection()
     optim: OptimSection = OptimSection()
-    loss: LossSection = LossSection()
     train: TrainSection = TrainSection()
 
     @model_validator(mode="after")
@@ -173,6 +193,11 @@ class RunConfig(_Section):
             raise ValueError("teacher.url is required: the teacher endpoint that scores (or, for seqkd, writes) rollouts")
         if self.loss.mode != "seqkd":
             self.loss.loss_config()  # LossConfig's own validation, with its messages
+        if self.loss.mode == "exopd" and self.teacher.ref_url is None:
+            raise ValueError(
+                "loss.mode=exopd needs reference logprobs: serve the student's initial weights as a second endpoint "
+                f"(python -m teacher_server --model {self.model.path} --port 8001) and set teacher.ref_url"
+            )
         if self.loss.mode == "aopd_acc" and self.data.answer_field is None:
             raise ValueError("loss.mode=aopd_acc needs answers to verify: set data.answer_field")
         if self.train.eval_every and self.data.eval_path is None:
@@ -227,5 +252,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
+def _sections() -> list[tuple[str, type[_Section] | None]]:
+    return [(name, f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, _Section) else None)
+            for name, f in RunConfig.model_fields.items()]
+
+
+def describe_config(width: int = 100) -> str:
+    """Every key with its type, default and description, the method's own (loss.*) first: what --help shows."""
+    lines: list[str] = []
+    for name, section in _sections():
+        fields = section.model_fields.items() if section is not None else [(None, RunConfig.model_fields[name])]
+        for key, f in fields:
+            dotted = name if key is None else f"{name}.{key}"
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            lines.append(f"  {dotted} ({default})")
+            lines += textwrap.wrap(f.description or "", width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """The resolved config as YAML, each key under a comment with its description (loads back with load_config)."""
+    values = cfg.model_dump(mode="json")
+    out: list[str] = []
+
+    def put(key: str, value: Any, description: str | None, indent: str) -> None:
+        out.extend(textwrap.wrap(description or "", 110, initial_indent=indent + "# ", subsequent_indent=indent + "# "))
+        out.append(indent + yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1])
+
+    for name, section in _sections():
+        if section is None:
+            put(name, values[name], RunConfig.model_fields[name].description, "")
+            continue
+        out.append(f"{name}:")
+        for key, f in section.model_fields.items():
+            put(key, values[name][key], f.description, "  ")
+    Path(path).write_text("\n".join(out) + "\n")

@@ -13,8 +13,8 @@ small-tensor implementation of advantage, mask, policy-gradient part and diverge
 full vocabulary enters the loss only through the log-normaliser.
 
 Everything returned is per token. Reduction is the caller's: a token mean is `loss_N.sum() / N_total`, a sequence
-mean averages `loss_N` within each completion first. The `metrics` are plain means / quantiles over the N
-positions passed in; when a step spans several micro-batches the caller weights them by their N.
+mean averages `loss_N` within each completion first. The `metric_sums` are sums over the N positions passed
+in, so a step's micro-batches and ranks add up by name; `metrics` gives this call's means and quantiles.
 
 Run the tests with `python -m pytest tests/test_losses*.py -q`, the memory benchmark with
 `python bench/loss_memory.py`.
@@ -178,8 +178,26 @@ class TokenLosses:
     div_loss_N: torch.Tensor
     """D_beta on the teacher's support at every position, computed for every mode (detached; enters loss only where
     masked). For opd / exopd it is a diagnostic: how far the student is from the teacher on the support."""
-    metrics: dict[str, torch.Tensor]
-    """Namespaced 0-dim float32 tensors, detached (`float(v)` to log them); see `_metrics`."""
+    metric_sums: dict[str, torch.Tensor]
+    """Namespaced 0-dim float32 tensors, detached: sums over the N positions, so micro-batches and ranks add up
+    by name and the step's mean is the total over the step's token count (see `_metric_sums`)."""
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Means over the N positions (0 when N = 0) and the advantage quantiles (adv/p05 ... adv/p95)."""
+        n = max(int(self.advantage_N.shape[0]), 1)
+        means = {k: v / n for k, v in self.metric_sums.items()}
+        return means | advantage_quantiles(self.advantage_N)
+
+
+def advantage_quantiles(advantage_N: torch.Tensor) -> dict[str, torch.Tensor]:
+    """adv/p05 ... adv/p95 as float32 0-dim tensors (zeros when N = 0)."""
+    if advantage_N.shape[0] > 0:
+        q_Q = torch.tensor(_ADV_QUANTILES, dtype=advantage_N.dtype, device=advantage_N.device)
+        quantiles_Q = torch.quantile(advantage_N.detach(), q_Q).float()
+    else:
+        quantiles_Q = advantage_N.new_zeros(len(_ADV_QUANTILES), dtype=torch.float32)
+    return {f"adv/p{round(q * 100):02d}": v for q, v in zip(_ADV_QUANTILES, quantiles_Q, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +238,7 @@ def token_losses(
 
     Returns:
         TokenLosses with per-token `loss_N` (differentiable), `mask_N`, `advantage_N`, `pg_loss_N`, `div_loss_N`
-        and `metrics`. Reduction over tokens / sequences is the caller's.
+        and `metric_sums` (`metrics` for means). Reduction over tokens / sequences is the caller's.
     """
     _check_inputs(
         student_logits_NV.shape[0], sampled_ids_N, teacher_token_logprobs_N, teacher_topk_ids_NK,
@@ -578,7 +596,7 @@ def _losses_from_stats(
         div_part_N = torch.where(mask_N, div_N, 0.0)
         loss_N = torch.where(mask_N, div_N, pg_N)
 
-    metrics = _metrics(
+    metric_sums = _metric_sums(
         stats, loss_N, pg_part_N, div_part_N, div_N, advantage_N, mask_N, teacher_prob_N, student_prob_N,
         teacher_topk_logprobs_NK, lp_t_y_raw_N, is_weight_N, cfg,
     )
@@ -588,12 +606,12 @@ def _losses_from_stats(
         advantage_N=advantage_N,
         pg_loss_N=pg_N.detach(),
         div_loss_N=div_N.detach(),
-        metrics=metrics,
+        metric_sums=metric_sums,
     )
 
 
 @torch.no_grad()
-def _metrics(
+def _metric_sums(
     stats: LogitStats,
     loss_N: torch.Tensor,
     pg_part_N: torch.Tensor,
@@ -608,20 +626,13 @@ def _metrics(
     is_weight_N: torch.Tensor | None,
     cfg: LossConfig,
 ) -> dict[str, torch.Tensor]:
-    """Means over the N positions (0 when N = 0) and advantage quantiles, as detached float32 0-dim tensors.
+    """Sums over the N positions, as detached float32 0-dim tensors (divide by the token count for means).
 
-    loss/pg and loss/div are the parts that enter the loss (token means), div/all the divergence at every position.
+    loss/pg and loss/div are the parts that enter the loss, div/all the divergence at every position.
     """
-    n = advantage_N.shape[0]
 
-    def mean(x_N: torch.Tensor) -> torch.Tensor:
-        return x_N.detach().float().sum() / max(n, 1)
-
-    if n > 0:
-        q_Q = torch.tensor(_ADV_QUANTILES, dtype=advantage_N.dtype, device=advantage_N.device)
-        adv_quantiles_Q = torch.quantile(advantage_N, q_Q).float()
-    else:
-        adv_quantiles_Q = advantage_N.new_zeros(len(_ADV_QUANTILES), dtype=torch.float32)
+    def total(x_N: torch.Tensor) -> torch.Tensor:
+        return x_N.detach().float().sum()
 
     if teacher_topk_logprobs_NK.shape[1] > 0:
         teacher_top1_prob_N = torch.exp(teacher_topk_logprobs_NK.amax(-1)).clamp(0.0, 1.0)
@@ -630,25 +641,23 @@ def _metrics(
     student_top1_prob_N = torch.exp(stats.top1_logit_N - stats.lse_N.detach()).clamp(0.0, 1.0)
 
     metrics = {
-        "loss/total": mean(loss_N),
-        "loss/pg": mean(pg_part_N),
-        "loss/div": mean(div_part_N),
-        "div/all": mean(div_N),
-        "adv/mean": mean(advantage_N),
-        "adv/frac_pos": mean(advantage_N > cfg.zero_eps),
-        "adv/frac_zero": mean(advantage_N.abs() <= cfg.zero_eps),
-        "adv/frac_neg": mean(advantage_N < -cfg.zero_eps),
-        "aopd/intervention_ratio": mean(mask_N),
-        "policy/entropy": mean(stats.entropy_N),
-        "conf/gap_sampled": mean(student_prob_N - teacher_prob_N),
-        "conf/gap_top1": mean(student_top1_prob_N - teacher_top1_prob_N),
-        "teacher/floored_frac": mean(lp_t_y_raw_N < TEACHER_LOGPROB_FLOOR),
+        "loss/total": total(loss_N),
+        "loss/pg": total(pg_part_N),
+        "loss/div": total(div_part_N),
+        "div/all": total(div_N),
+        "adv/mean": total(advantage_N),
+        "adv/frac_pos": total(advantage_N > cfg.zero_eps),
+        "adv/frac_zero": total(advantage_N.abs() <= cfg.zero_eps),
+        "adv/frac_neg": total(advantage_N < -cfg.zero_eps),
+        "aopd/intervention_ratio": total(mask_N),
+        "policy/entropy": total(stats.entropy_N),
+        "conf/gap_sampled": total(student_prob_N - teacher_prob_N),
+        "conf/gap_top1": total(student_top1_prob_N - teacher_top1_prob_N),
+        "teacher/floored_frac": total(lp_t_y_raw_N < TEACHER_LOGPROB_FLOOR),
     }
-    for q, value in zip(_ADV_QUANTILES, adv_quantiles_Q, strict=True):
-        metrics[f"adv/p{round(q * 100):02d}"] = value
     if is_weight_N is not None:
-        metrics["is/weight_mean"] = mean(is_weight_N)
-        metrics["is/capped_frac"] = mean(is_weight_N >= cfg.is_cap)
+        metrics["is/weight_mean"] = total(is_weight_N)
+        metrics["is/capped_frac"] = total(is_weight_N >= cfg.is_cap)
     return metrics
 
 

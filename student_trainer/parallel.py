@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from student_trainer.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Shape letters as in train.py: b = sequences, L = padded length, D = hidden, N = completion positions, V = vocab.
@@ -71,13 +73,14 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (float64, on every rank)."""
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over ranks, by name (float64, on every rank; every rank passes the same names)."""
         if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+            return dict(values)
+        names = sorted(values)
+        t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
-        return t.cpu().tolist()
+        return dict(zip(names, t.cpu().tolist(), strict=True))
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0, in rank order (None elsewhere). Picklable objects; in-process only."""
@@ -128,7 +131,7 @@ def init_ranks(device: str, timeout_s: float, *, single_group: torch.device | No
         return Ranks(), None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
-        raise SystemExit(
+        raise ConfigError(
             f"model.device={device!r} under torchrun: each rank takes the GPU of its LOCAL_RANK; use model.device=auto "
             "(or cuda / cpu) and choose GPUs with CUDA_VISIBLE_DEVICES"
         )
@@ -160,7 +163,7 @@ def shard(policy: Policy, ranks: Ranks, device: torch.device, compute_dtype: tor
 
     layers = decoder_layers(policy.model)
     if not layers:
-        raise SystemExit(
+        raise ConfigError(
             f"{type(policy.model).__name__} names no decoder layer class in _no_split_modules, so FSDP cannot shard it "
             "layer by layer; use a transformers causal LM (Llama, Qwen, Mistral, ...)"
         )
@@ -219,6 +222,28 @@ def load_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer, state
     set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+@dataclass(frozen=True)
+class StudentWeights:
+    """The trainer's current policy, as a sampler takes it after each update (`Generator.after_update`)."""
+
+    policy: Policy
+    ranks: Ranks
+    sharded: bool  # FSDP2: each rank holds 1/N of the parameters
+
+    @property
+    def model(self) -> nn.Module:
+        """The Hugging Face module (its config and names; its weights are shards when `sharded`)."""
+        return self.policy.model
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (collective when sharded); None in one process, where `model` has them."""
+        return full_model_state(self.policy) if self.sharded else None
+
+    def copy_into(self, replica: nn.Module) -> None:
+        """Make a full replica equal to the policy (collective when sharded)."""
+        copy_weights(self.policy, replica)
+
+
 @torch.no_grad()
 def copy_weights(policy: Policy, replica: nn.Module) -> None:
     """Make `replica` (a full, unsharded copy for generation) equal to the sharded policy. Collective: one
@@ -236,7 +261,7 @@ def local_chunks(n_prompts: int, chunk: int, ranks: Ranks) -> list[tuple[int, in
     on the number of ranks; otherwise indices stay unique across ranks.
     """
     if n_prompts % ranks.world:
-        raise SystemExit(
+        raise ConfigError(
             f"rollout.prompts_per_step={n_prompts} does not split evenly over {ranks.world} ranks (every rank must run "
             f"the same number of micro-batches); use a multiple of {ranks.world}"
         )

@@ -3,18 +3,26 @@
 `Generator.generate(prompts, n, ...)` returns one `Rollout` per (prompt, sample): prompt ids, completion ids
 (ending at EOS or the length limit), whether EOS was reached, and the sampling policy's log-probability of
 each completion token (temperature 1, i.e. the policy itself, before temperature/top-p), which the losses
-use for the stale-policy importance weight. `HFGenerator` uses transformers `generate`; a vLLM generator
-plugs in behind the same interface.
+use for the stale-policy importance weight. `HFGenerator` uses transformers `generate` (`generation.hf`);
+`VLLMGenerator` (student_trainer/rollout_vllm.py) a vLLM engine.
+
+A generator also carries its own lifecycle, so the training loop never asks which engine it has:
+`before_update()` once a step's rollouts are in (vLLM frees its GPU memory for the update),
+`after_update(weights)` after the optimizer step (the engine or replica takes the new weights), `close()`.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+
+from generation.hf import sample
+
+if TYPE_CHECKING:
+    from student_trainer.parallel import StudentWeights
 
 
 @dataclass
@@ -44,37 +52,21 @@ class Generator(abc.ABC):
     ) -> list[Rollout]:
         """n samples per prompt, ordered prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
 
+    def before_update(self) -> None:  # noqa: B027 (a no-op unless the engine holds memory the update needs)
+        """The step's rollouts are generated; the optimizer update comes next."""
 
-class _RecordLogprobs(LogitsProcessor):
-    """Records log p(chosen token) under the raw (temperature-1) policy, one [B] vector per step.
+    def after_update(self, weights: StudentWeights) -> None:  # noqa: B027
+        """The optimizer stepped: sample from `weights` (the trainer's current policy) from now on."""
 
-    A logits processor sees step t's scores before sampling and step t+1's input ids, whose last column is
-    the token chosen at step t; so it keeps one [B, V] log-softmax and gathers it a step later.
-    transformers runs it after the model's own processors (penalties, which `HFGenerator` switches off) and
-    before the temperature / top-p warpers, so it sees the raw logits.
-    """
-
-    def __init__(self) -> None:
-        self.prev_logp_BV: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._collect(input_ids[:, -1])
-        self.prev_logp_BV = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _collect(self, chosen_B: torch.Tensor) -> None:
-        if self.prev_logp_BV is not None:
-            self.steps.append(self.prev_logp_BV.gather(1, chosen_B[:, None]).squeeze(1))
-            self.prev_logp_BV = None
-
-    def finish(self, sequences_BL: torch.Tensor) -> torch.Tensor:
-        self._collect(sequences_BL[:, -1])
-        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(sequences_BL.shape[0], 0)
+    def close(self) -> None:  # noqa: B027
+        """Release the engine."""
 
 
 class HFGenerator(Generator):
-    """Batched sampling with transformers `generate` (left padding), `batch_size` sequences at a time."""
+    """Batched sampling with transformers `generate` (left padding), `batch_size` sequences at a time.
+
+    `model` is the trainer's own module in one process; under FSDP it is a full replica on each rank, which
+    `after_update` makes equal to the sharded policy."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64):
         self.model = model
@@ -83,63 +75,14 @@ class HFGenerator(Generator):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
 
-    @torch.no_grad()
     def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
-        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
-        device = next(self.model.parameters()).device
-        if seed is not None:
-            torch.manual_seed(seed)  # transformers samples with the global generator
-        was_training = self.model.training
-        self.model.eval()
-        out: list[Rollout] = []
-        try:
-            for a in range(0, len(expanded), self.batch_size):
-                chunk = expanded[a : a + self.batch_size]
-                width = max(len(p) for _, p in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, (_, p) in enumerate(chunk):  # per sequence, left padding
-                    ids[r, width - len(p) :] = torch.tensor(p)
-                    mask[r, width - len(p) :] = 1
-                recorder = _RecordLogprobs()
-                seqs = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else None,
-                    top_p=top_p,
-                    top_k=0,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    logits_processor=LogitsProcessorList([recorder]),
-                    # Neutralise logit-modifying defaults a model's generation_config may carry (they would run
-                    # before the recorder and change the policy being sampled): on-policy means the policy itself.
-                    repetition_penalty=1.0,
-                    no_repeat_ngram_size=0,
-                    min_new_tokens=0,
-                    min_p=None,
-                    typical_p=1.0,
-                )
-                completion = seqs[:, width:].cpu()
-                logp = recorder.finish(seqs).cpu()
-                is_eos = completion == eos
-                # length up to and including the first EOS, else all generated tokens
-                has_eos = is_eos.any(dim=1)
-                first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1) + 1, completion.shape[1])
-                for r, (pi, p) in enumerate(chunk):
-                    L = int(first_eos[r])
-                    out.append(
-                        Rollout(
-                            prompt_ids=list(p),
-                            completion_ids=completion[r, :L].tolist(),
-                            behaviour_logprobs=logp[r, :L].numpy().astype(np.float32),
-                            finished=bool(has_eos[r]),
-                            prompt_index=pi,
-                        )
-                    )
-        finally:
-            self.model.train(was_training)
-        return out
+        samples = sample(
+            self.model, self.tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, batch_size=self.batch_size,
+        )
+        return [Rollout(list(prompts[s.prompt_index]), s.completion_ids, s.logprobs, s.finished, s.prompt_index)
+                for s in samples]
+
+    def after_update(self, weights: StudentWeights) -> None:
+        if self.model is not weights.model:  # a replica: copy the sharded policy in (collective)
+            weights.copy_into(self.model)

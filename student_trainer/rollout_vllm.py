@@ -1,11 +1,12 @@
 """vLLM rollout engine for the student: `VLLMGenerator` behind the same `Generator` interface as `HFGenerator`.
 
-The student samples with vLLM; after every optimizer step the trainer calls `load_weights(model)`, which writes
-the new weights as safetensors (to /dev/shm when it exists, in the engine's dtype) and has the running engine
-reload them in place (`collective_rpc("reload_weights", weights_path=...)`, vLLM's in-place reload on both the
-GPU and the CPU worker, then `reset_prefix_cache()`). On GPU, with `sleep=True`, the trainer calls `sleep()`
-once a step's rollouts are generated: vLLM sleep mode level 2 frees the engine's weights and KV cache for the
-update; `load_weights` wakes the weights, reloads, then wakes the KV cache. (vLLM's CPU worker has no sleep
+The student samples with vLLM; after every optimizer step the trainer calls `after_update(weights)`, which
+writes the new weights as safetensors (to /dev/shm when it exists, in the engine's dtype; under torchrun rank 0
+writes once and every rank's engine reads) and has the running engine reload them in place
+(`collective_rpc("reload_weights", weights_path=...)`, vLLM's in-place reload on both the GPU and the CPU
+worker, then `reset_prefix_cache()`). On GPU, with `sleep=True`, `before_update()` (once a step's rollouts are
+generated) puts the engine to sleep: vLLM sleep mode level 2 frees its weights and KV cache for the update;
+the reload wakes the weights, reloads, then wakes the KV cache. (vLLM's CPU worker has no sleep
 mode, so this part has not run here.) The sampled tokens' log-probabilities come from vLLM
 (`logprobs_mode="raw_logprobs"`: the policy itself, before temperature/top-p), so the trainer can apply the
 stale-policy / engine-mismatch importance correction (`loss.importance_correction`).
@@ -20,9 +21,14 @@ import os
 import shutil
 import tempfile
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from student_trainer.rollout import Generator, Rollout
+
+if TYPE_CHECKING:
+    from student_trainer.parallel import StudentWeights
 
 
 class VLLMGenerator(Generator):
@@ -66,8 +72,23 @@ class VLLMGenerator(Generator):
         self.remove_weights_dir = weights_dir is None if remove_weights_dir is None else remove_weights_dir
         self.weights_dir = weights_dir or new_weights_dir()
 
+    def before_update(self) -> None:
+        self.sleep()
+
+    def after_update(self, weights: StudentWeights) -> None:
+        """The trainer's new weights into the running engine (collective when sharded: rank 0 writes them once,
+        to a directory every rank's engine reloads from)."""
+        if weights.sharded:
+            state = weights.full_state()
+            if weights.ranks.main:
+                self.write_weights(weights.model, state)
+            weights.ranks.barrier()
+        else:
+            self.write_weights(weights.model)
+        self.reload()
+
     def load_weights(self, model) -> None:
-        """Push the trainer's current weights into the running engine."""
+        """Push a (one-process) model's current weights into the running engine."""
         self.write_weights(model)
         self.reload()
 
@@ -96,7 +117,7 @@ class VLLMGenerator(Generator):
         model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=sd)
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) until the next `load_weights`; no-op on CPU."""
+        """Free the engine's GPU memory (weights and KV cache) until the next reload; no-op on CPU."""
         if self.sleep_enabled and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True

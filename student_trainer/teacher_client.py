@@ -58,6 +58,12 @@ class TeacherIncompatibleError(TeacherError):
     """The teacher cannot serve this student (protocol, tokenizer, vocabulary or limits differ)."""
 
 
+class TeacherUnavailableError(TeacherError):
+    """An outage, worth waiting for: the teacher is unreachable, did not answer in time, or answered 429 / 502 /
+    503 (overloaded, restarting, engine down) after the client's retries. `status` is None for a network failure.
+    Any other `TeacherError` (a refusal, a bad response) will not go away by waiting."""
+
+
 def _raise_for_response(resp: httpx.Response, url: str) -> None:
     if resp.status_code < 400:
         return
@@ -66,7 +72,8 @@ def _raise_for_response(resp: httpx.Response, url: str) -> None:
         error_type, message = str(err["type"]), str(err["message"])
     except Exception:
         error_type, message = "http_error", resp.text[:300]
-    raise TeacherError(f"teacher at {url} answered {resp.status_code} ({error_type}): {message}", status=resp.status_code, error_type=error_type)
+    error = TeacherUnavailableError if resp.status_code in RETRY_STATUSES else TeacherError
+    raise error(f"teacher at {url} answered {resp.status_code} ({error_type}): {message}", status=resp.status_code, error_type=error_type)
 
 
 def _retry_after_s(resp: httpx.Response | None) -> float | None:
@@ -123,7 +130,7 @@ class _Base:
         if attempt >= self.max_retries:
             if resp is not None:
                 _raise_for_response(resp, self.url)
-            raise TeacherError(f"teacher at {self.url} unreachable after {attempt + 1} attempts ({reason})")
+            raise TeacherUnavailableError(f"teacher at {self.url} unreachable after {attempt + 1} attempts ({reason})")
         delay = self._delay(attempt, resp)
         logger.warning("teacher %s%s: %s; retry %d/%d in %.1fs", self.url, path, reason, attempt + 1, self.max_retries, delay)
         return delay
@@ -225,7 +232,7 @@ class TeacherClient(_Base):
             except _RETRY_EXCEPTIONS as e:
                 resp, exc = None, e
             except httpx.TimeoutException as e:  # a hung teacher: not retried here (the request may be running)
-                raise TeacherError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
+                raise TeacherUnavailableError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
             delay = self._after_attempt(attempt, path, resp, exc)
             if delay is None:
                 return resp
@@ -289,7 +296,7 @@ class AsyncTeacherClient(_Base):
             except _RETRY_EXCEPTIONS as e:
                 resp, exc = None, e
             except httpx.TimeoutException as e:
-                raise TeacherError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
+                raise TeacherUnavailableError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
             delay = self._after_attempt(attempt, path, resp, exc)
             if delay is None:
                 return resp

@@ -9,7 +9,7 @@ connection error, 502 or 503 is marked down and the request is sent again to ano
 idempotent, so nothing is lost or duplicated in effect); a 429 moves the request elsewhere without marking the
 endpoint down. A down endpoint is probed (`/health`, then `/v1/info` must match the pool's tokenizer fingerprint,
 vocabulary and protocol) every `recheck_s` seconds and taken back when it passes. When every endpoint is down
-the call raises `TeacherError` (status None), which the trainer's outage loop retries.
+the call raises `TeacherUnavailableError`, which the trainer's outage loop retries.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from protocol.schema import InfoResponse, ScoreBatch, ScoreResult
-from student_trainer.teacher_client import TeacherClient, TeacherError, TeacherIncompatibleError
+from student_trainer.teacher_client import TeacherClient, TeacherError, TeacherIncompatibleError, TeacherUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ class TeacherPool:
         for i, client in enumerate(self.clients):
             try:
                 info = client.connect(**checks)
-            except TeacherIncompatibleError:
-                raise
-            except TeacherError as exc:
+            except TeacherUnavailableError as exc:
                 logger.warning("teacher %s is down at connect (%s); continuing with the others", client.url, exc)
                 self._mark_down(i)
                 continue
@@ -78,7 +76,7 @@ class TeacherPool:
                 self.reference = info
             self._same_teacher(info, client.url)
         if self.reference is None:
-            raise TeacherError(f"no teacher endpoint is reachable: {self.url}")
+            raise TeacherUnavailableError(f"no teacher endpoint is reachable: {self.url}")
         self.server_info = self.reference
         return self.reference
 
@@ -132,16 +130,14 @@ class TeacherPool:
         while True:
             i = self._pick(tried)
             if i is None:
-                raise TeacherError(f"no teacher endpoint available ({self.url}); last error: {last}", status=None)
+                raise TeacherUnavailableError(f"no teacher endpoint available ({self.url}); last error: {last}")
             try:
                 return getattr(self.clients[i], method)(*args, **kwargs)
-            except TeacherError as exc:
+            except TeacherUnavailableError as exc:
                 last = exc
                 tried.add(i)
-                if exc.status in (502, 503) or (exc.status is None and exc.error_type is None):
-                    self._mark_down(i)  # unreachable or restarting
-                elif exc.status != 429:
-                    raise
+                if exc.status != 429:  # unreachable or restarting; a 429 is busy, not down
+                    self._mark_down(i)
                 logger.warning("teacher %s failed (%s); sending the request to another endpoint", self.urls[i], exc)
             finally:
                 with self.lock:

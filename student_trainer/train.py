@@ -2,8 +2,20 @@
 
     python -m student_trainer --config run.yaml [key=value ...] [--resume]
 
-setup -> (per step) rollout, streamed to the teacher chunk by chunk -> per-token losses (fused lm_head) ->
-backward over micro-batches -> clip -> step -> log -> eval -> checkpoint.
+setup -> per step: problems -> rollout and score -> before update -> update -> after update -> record and log
+-> eval -> checkpoint. The step loop is `_train`; each phase is one function below, in that order.
+
+- rollout and score: the student samples chunk by chunk and every finished chunk streams to the teacher while
+  the next one is generated (`collect_scored_rollouts`). SeqKD is a different algorithm, supervised on the
+  teacher's own samples: its phase is `collect_teacher_samples`, and the rest of the step is the same.
+- before / after update: the sampler's own lifecycle (`Generator.before_update` / `after_update`): vLLM
+  sleeps during the update and reloads the new weights; an HF replica under FSDP copies them in.
+- update: micro-batches by `optim.micro_batch_size`, fused per-token losses (the [N, V] logits never exist),
+  gradients accumulated, clip, optimizer and scheduler step.
+- record: per-token metric sums reduced over micro-batches and ranks by name, divided by the step's tokens.
+
+Under torchrun every rank runs this loop on its share of the prompts (student_trainer/parallel.py); rank 0
+logs and writes checkpoints.
 
 Shape letters: b = sequences in a micro-batch, L = padded length, D = hidden, N = completion positions
 (packed), K = teacher top-k, V = vocabulary.
@@ -16,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +41,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from protocol.schema import ScoreBatch, SequenceResult
 from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from student_trainer.config import RunConfig, dump_config
+from student_trainer.config import ConfigError, RunConfig, dump_config
+from student_trainer.data import Problem, PromptSampler, load_problems
+from student_trainer.evaluate import eval_metrics, evaluate, is_correct
 from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses
 from student_trainer.parallel import (
     Policy,
     Ranks,
+    StudentWeights,
     close_ranks,
-    copy_weights,
-    full_model_state,
     full_optimizer_state,
     grad_norm_value,
     init_ranks,
@@ -45,16 +59,11 @@ from student_trainer.parallel import (
     shard,
     world_from_env,
 )
-from student_trainer.rollout import HFGenerator, Rollout
-from student_trainer.teacher_client import TeacherClient, TeacherError
+from student_trainer.rollout import Generator, HFGenerator, Rollout
+from student_trainer.teacher_client import TeacherClient, TeacherUnavailableError
 from student_trainer.teacher_pool import TeacherPool
 
 logger = logging.getLogger(__name__)
-
-
-def is_outage(exc: TeacherError) -> bool:
-    """Unreachable, overloaded or restarting (worth waiting for), as opposed to a refusal or a bad response."""
-    return exc.status in (429, 502, 503) or (exc.status is None and exc.error_type is None)
 
 
 # =====================================================================================================
@@ -69,7 +78,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def lr_lambda(cfg: RunConfig):
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     o, total = cfg.optim, cfg.train.steps
 
     def f(step: int) -> float:
@@ -94,7 +103,7 @@ def check_fused_head(model) -> None:
     softcap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
     if getattr(head, "bias", None) is not None or softcap or (scale not in (None, 1, 1.0)):
-        raise SystemExit(
+        raise ConfigError(
             f"{type(model).__name__}: the output layer has a bias, logit soft-capping or scaling, which the fused "
             "loss (logits = hidden @ lm_head.weight.T) does not implement; use a model without them"
         )
@@ -109,15 +118,25 @@ def completion_positions(prompt_lens_b: np.ndarray, lengths_b: np.ndarray) -> tu
     return seq_N, row_N
 
 
-@dataclass
-class Scored:
-    """A chunk of rollouts with its teacher (and, for exopd, reference) scores."""
+def topk_entropy(topk_logprobs_NK: np.ndarray) -> np.ndarray:
+    """Entropy of the teacher's distribution renormalised on its top-k: how uncertain the teacher is there."""
+    lp = topk_logprobs_NK.astype(np.float64)
+    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    return -(np.exp(lp) * lp).sum(axis=1)
 
-    rollouts: list[Rollout]
-    teacher: list[SequenceResult] | None
-    ref_logprobs: list[np.ndarray] | None
-    latency_s: float
-    outage_s: float
+
+def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> list[str]:
+    """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy."""
+    offsets = np.cumsum([0] + [len(r.completion_ids) for r in rollouts])
+    lines = []
+    for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
+        a, b = offsets[i], offsets[i + 1]
+        lines.append(json.dumps({
+            "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
+            "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
+            "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
+        }) + "\n")
+    return lines
 
 
 # =====================================================================================================
@@ -126,9 +145,9 @@ class Scored:
 
 
 def call_with_outage_retry(fn, what: str, timeout_s: float):
-    """Run `fn`; while the teacher is unreachable/overloaded keep retrying up to `timeout_s`. Returns (result,
-    seconds spent in outage). The client already retries each request with backoff; this outer loop is what
-    keeps a step alive through a teacher restart."""
+    """Run `fn`; while the teacher is unavailable keep retrying up to `timeout_s`. Returns (result, seconds
+    spent in outage). The client already retries each request with backoff; this outer loop is what keeps a
+    step alive through a teacher restart."""
     start = time.monotonic()
     outage = 0.0
     delay = 1.0
@@ -136,13 +155,24 @@ def call_with_outage_retry(fn, what: str, timeout_s: float):
         t0 = time.monotonic()
         try:
             return fn(), outage
-        except TeacherError as exc:
-            if not is_outage(exc) or time.monotonic() - start > timeout_s:
+        except TeacherUnavailableError as exc:
+            if time.monotonic() - start > timeout_s:
                 raise
             logger.warning("teacher outage during %s (%s); rollouts kept, retrying in %.0fs", what, exc, delay)
             time.sleep(delay)
             outage += time.monotonic() - t0
             delay = min(delay * 2, 30.0)
+
+
+@dataclass
+class Scored:
+    """A chunk of rollouts with its teacher (and, for exopd, reference) scores."""
+
+    rollouts: list[Rollout]
+    teacher: list[SequenceResult]
+    ref_logprobs: list[np.ndarray] | None
+    latency_s: float
+    outage_s: float
 
 
 class StreamingScorer:
@@ -177,7 +207,7 @@ def wait_for_teacher(client: TeacherClient, wait_s: float, what: str = "teacher"
     warned = False
     while not client.health():
         if time.monotonic() > deadline:
-            raise SystemExit(
+            raise TeacherUnavailableError(
                 f"{what} at {client.url} is not reachable after {wait_s:.0f}s; start it (python -m teacher_server "
                 "--model DIR) or fix teacher.url"
             )
@@ -188,58 +218,171 @@ def wait_for_teacher(client: TeacherClient, wait_s: float, what: str = "teacher"
 
 
 # =====================================================================================================
+# A step's data
+# =====================================================================================================
+
+
+@dataclass
+class StepBatch:
+    """This rank's training data for one step, one entry per rollout."""
+
+    rollouts: list[Rollout]
+    teacher: list[SequenceResult] | None  # the teacher's scores; None for seqkd (the teacher wrote the rollouts)
+    ref_logprobs: list[np.ndarray] | None  # exopd: the reference model's logprob of each completion token
+    correct: list[bool]  # the completion's final answer verifies
+    generate_s: float = 0.0  # this rank's time generating (scoring overlaps it)
+    score_wait_s: float = 0.0  # this rank's time waiting for scores after generation
+    teacher_s: float = 0.0  # summed latency of the scoring requests
+    requests: int = 0  # scoring requests sent
+    outage_s: float = 0.0  # time spent waiting out teacher outages
+
+    def micro_batches(self, size: int) -> Iterator[StepBatch]:
+        for a in range(0, len(self.rollouts), size):
+            def part(xs):
+                return None if xs is None else xs[a : a + size]
+
+            yield StepBatch(self.rollouts[a : a + size], part(self.teacher), part(self.ref_logprobs), self.correct[a : a + size])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(r.completion_ids) for r in self.rollouts)
+
+
+def sampling_seed(cfg: RunConfig, step: int, chunk_index: int) -> int:
+    """Rollouts are a function of (weights, step, chunk), whatever the number of ranks."""
+    return cfg.train.seed * 1_000_003 + step * 1009 + chunk_index
+
+
+def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> StepBatch:
+    """The student samples this rank's prompts chunk by chunk; each chunk goes to the teacher as soon as it is
+    generated (or all at once after generation with rollout.stream=false)."""
+    cfg = run.cfg
+    t_gen, futures, held = 0.0, [], []
+    show = cfg.train.progress and run.ranks.main and len(run.chunks) >= 4
+    for ci, start, stop in tqdm(run.chunks, desc=f"rollout {step}", leave=False, disable=not show):
+        chunk = problems[start:stop]  # this rank's share; prompt_index below indexes the whole step
+        t0 = time.perf_counter()
+        rollouts = run.generator.generate(
+            [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=sampling_seed(cfg, step, ci),
+        )
+        for r in rollouts:
+            r.prompt_index += start
+        if cfg.rollout.stream:
+            futures.append(run.scorer.submit(rollouts))
+        else:
+            held += rollouts
+        t_gen += time.perf_counter() - t0
+    if not cfg.rollout.stream:
+        futures.append(run.scorer.submit(held))
+    t_wait0 = time.perf_counter()
+    scored = [f.result() for f in futures]
+    t_wait = time.perf_counter() - t_wait0
+    rollouts = [r for s in scored for r in s.rollouts]
+    return StepBatch(
+        rollouts=rollouts,
+        teacher=[row for s in scored for row in s.teacher],
+        ref_logprobs=[lp for s in scored for lp in s.ref_logprobs] if run.ref is not None else None,
+        correct=verify(run, problems, rollouts),
+        generate_s=t_gen, score_wait_s=t_wait, teacher_s=sum(s.latency_s for s in scored), requests=len(futures),
+        outage_s=sum(s.outage_s for s in scored),
+    )
+
+
+def collect_teacher_samples(run: Run, step: int, problems: list[Problem]) -> StepBatch:
+    """SeqKD: the teacher samples completions for this rank's prompts (POST /v1/generate); the student is
+    trained to imitate them, with no per-token scores."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    rollouts, outage_s = [], 0.0
+    for ci, start, stop in run.chunks:
+        chunk = problems[start:stop]
+        comps, outage = call_with_outage_retry(
+            lambda chunk=chunk, ci=ci: run.teacher.generate(
+                [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=sampling_seed(cfg, step, ci),
+            ),
+            "teacher generation", cfg.teacher.outage_timeout_s,
+        )
+        outage_s += outage
+        prompt_of = [i for i in range(len(chunk)) for _ in range(cfg.rollout.samples_per_prompt)]
+        rollouts += [
+            Rollout(chunk[i].prompt_ids, c, np.zeros(len(c), np.float32), True, start + i)
+            for i, c in zip(prompt_of, comps, strict=True)
+        ]
+    return StepBatch(rollouts, None, None, verify(run, problems, rollouts), generate_s=time.perf_counter() - t0,
+                     outage_s=outage_s)
+
+
+def verify(run: Run, problems: list[Problem], rollouts: list[Rollout]) -> list[bool]:
+    texts = run.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    return [is_correct(t, problems[r.prompt_index].answer) for t, r in zip(texts, rollouts, strict=True)]
+
+
+# =====================================================================================================
 # The update: forward micro-batches, fused per-token losses, backward
 # =====================================================================================================
 
 
-def micro_batch_losses(policy: Policy, mb: list[tuple[Rollout, Any, Any, bool]], cfg: RunConfig, device) -> tuple[Any, np.ndarray]:
-    """Forward one micro-batch; returns (TokenLosses or per-token NLL, seq_N). `mb` items: (rollout, teacher row,
-    ref lp, correct)."""
-    lengths = np.array([len(r.token_ids) for r, *_ in mb])
-    prompt_lens = np.array([len(r.prompt_ids) for r, *_ in mb])
-    b, L = len(mb), int(lengths.max())
+@dataclass
+class MicroBatchLosses:
+    """One micro-batch's forward: the per-token loss to backpropagate, its metrics as sums over the
+    positions, and (per-token distillation only) the advantage and intervention mask."""
+
+    loss_N: torch.Tensor
+    metric_sums: dict[str, torch.Tensor]
+    seq_N: np.ndarray  # which sequence of the micro-batch each position belongs to
+    advantage_N: torch.Tensor | None = None
+    mask_N: torch.Tensor | None = None
+
+
+def micro_batch_losses(policy: Policy, mb: StepBatch, cfg: RunConfig, device) -> MicroBatchLosses:
+    """Forward one micro-batch through the policy, ending in the fused per-token losses: the distillation
+    losses against the teacher's scores, or for seqkd (no scores) -log p_S(teacher token)."""
+    lengths = np.array([len(r.token_ids) for r in mb.rollouts])
+    prompt_lens = np.array([len(r.prompt_ids) for r in mb.rollouts])
+    b, L = len(mb.rollouts), int(lengths.max())
     ids_bL = np.zeros((b, L), dtype=np.int64)
     mask_bL = np.arange(L)[None, :] < lengths[:, None]
-    ids_bL[mask_bL] = np.concatenate([r.token_ids for r, *_ in mb])
+    ids_bL[mask_bL] = np.concatenate([r.token_ids for r in mb.rollouts])
     seq_N, row_N = completion_positions(prompt_lens, lengths)
-
-    def cat(parts, dtype):
-        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
-
-    def head(hidden_ND, weight_VD, sampled_N):
-        if cfg.loss.mode == "seqkd":  # supervised: -log p_S(teacher token), via the same chunked lm_head
-            stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
-            return stats.lse_N - stats.sampled_logit_N
-        teacher_rows = [t for _, t, _, _ in mb]
-        return fused_token_losses(
-            hidden_ND,
-            weight_VD,
-            sampled_N,
-            cat([t.token_logprobs for t in teacher_rows], np.float32),
-            cat([t.topk_ids for t in teacher_rows], np.int64),
-            cat([t.topk_logprobs for t in teacher_rows], np.float32),
-            cfg.loss.loss_config(),
-            ref_token_logprobs_N=cat([lp for _, _, lp, _ in mb], np.float32) if cfg.loss.mode == "exopd" else None,
-            correct_N=torch.from_numpy(np.repeat([c for *_, c in mb], lengths - prompt_lens)).to(device)
-            if cfg.loss.mode == "aopd_acc"
-            else None,
-            behaviour_logprobs_N=cat([r.behaviour_logprobs for r, *_ in mb], np.float32)
-            if cfg.loss.importance_correction
-            else None,
-        )
-
+    head = _nll_head(cfg) if mb.teacher is None else _distillation_head(mb, cfg, device, lengths - prompt_lens)
     out = policy(
         torch.from_numpy(ids_bL).to(device), torch.from_numpy(mask_bL.astype(np.int64)).to(device),
         torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device), head,
     )
-    return out, seq_N
+    if mb.teacher is None:
+        return MicroBatchLosses(out, {"loss/nll": out.detach().sum()}, seq_N)
+    return MicroBatchLosses(out.loss_N, out.metric_sums, seq_N, out.advantage_N, out.mask_N)
 
 
-def topk_entropy(topk_logprobs_NK: np.ndarray) -> np.ndarray:
-    """Entropy of the teacher's distribution renormalised on its top-k: how uncertain the teacher is there."""
-    lp = topk_logprobs_NK.astype(np.float64)
-    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
-    return -(np.exp(lp) * lp).sum(axis=1)
+def _nll_head(cfg: RunConfig):
+    def head(hidden_ND, weight_VD, sampled_N):  # -log p_S(teacher token), via the same chunked lm_head
+        stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
+        return stats.lse_N - stats.sampled_logit_N
+
+    return head
+
+
+def _distillation_head(mb: StepBatch, cfg: RunConfig, device, completion_lens_b: np.ndarray):
+    def cat(parts, dtype):
+        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
+
+    mode = cfg.loss.mode
+    teacher_lp_N = cat([t.token_logprobs for t in mb.teacher], np.float32)
+    topk_ids_NK = cat([t.topk_ids for t in mb.teacher], np.int64)
+    topk_lp_NK = cat([t.topk_logprobs for t in mb.teacher], np.float32)
+    ref_N = cat(mb.ref_logprobs, np.float32) if mode == "exopd" else None
+    correct_N = torch.from_numpy(np.repeat(mb.correct, completion_lens_b)).to(device) if mode == "aopd_acc" else None
+    behaviour_N = cat([r.behaviour_logprobs for r in mb.rollouts], np.float32) if cfg.loss.importance_correction else None
+
+    def head(hidden_ND, weight_VD, sampled_N):
+        return fused_token_losses(
+            hidden_ND, weight_VD, sampled_N, teacher_lp_N, topk_ids_NK, topk_lp_NK, cfg.loss.loss_config(),
+            ref_token_logprobs_N=ref_N, correct_N=correct_N, behaviour_logprobs_N=behaviour_N,
+        )
+
+    return head
 
 
 def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, cfg: RunConfig, n_tokens: int, n_seqs: int):
@@ -250,18 +393,147 @@ def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, 
     return (loss_N * per_token_weight).sum() / max(n_seqs, 1)
 
 
-def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> list[str]:
-    """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy."""
-    offsets = np.cumsum([0] + [len(r.completion_ids) for r in rollouts])
-    lines = []
-    for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
-        a, b = offsets[i], offsets[i + 1]
-        lines.append(json.dumps({
-            "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
-            "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
-            "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
-        }) + "\n")
-    return lines
+@dataclass
+class UpdateResult:
+    sums: dict[str, float]  # metric sums over the step's positions, on every rank
+    counts: dict[str, float]  # tokens, sequences and step counters summed over ranks
+    grad_norm: float
+    advantage_N: np.ndarray | None = None  # this rank's, per-token distillation only
+    mask_N: np.ndarray | None = None
+
+
+def update(run: Run, batch: StepBatch) -> UpdateResult:
+    """Micro-batches accumulate into one step. Over all ranks too: the losses are normalised by the global
+    counts, and multiplied by the world size because FSDP averages the ranks' gradients."""
+    cfg, ranks = run.cfg, run.ranks
+    counts = ranks.sum({
+        "tokens": batch.n_tokens, "seqs": len(batch.rollouts), "finished": sum(r.finished for r in batch.rollouts),
+        "correct": sum(batch.correct), "teacher_s": batch.teacher_s, "requests": batch.requests,
+        "outage_s": batch.outage_s,
+    })
+    sums: dict[str, float] = {}
+    advantages, masks = [], []
+    for mb in batch.micro_batches(cfg.optim.micro_batch_size):
+        out = micro_batch_losses(run.policy, mb, cfg, run.device)
+        seq_len_b = np.array([len(r.completion_ids) for r in mb.rollouts], dtype=np.float64)
+        (reduce_loss(out.loss_N, out.seq_N, seq_len_b, cfg, int(counts["tokens"]), int(counts["seqs"])) * ranks.world).backward()
+        names = sorted(out.metric_sums)  # one device sync per micro-batch; float64 sums across them
+        for k, v in zip(names, torch.stack([out.metric_sums[k] for k in names]).tolist(), strict=True):
+            sums[k] = sums.get(k, 0.0) + v
+        if out.advantage_N is not None:
+            advantages.append(out.advantage_N.detach().float().cpu())
+            masks.append(out.mask_N.detach().cpu())
+    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.optim.grad_clip))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return UpdateResult(
+        ranks.sum(sums), counts, grad_norm,
+        torch.cat(advantages).numpy() if advantages else None, torch.cat(masks).numpy() if masks else None,
+    )
+
+
+# =====================================================================================================
+# Record, eval, checkpoint
+# =====================================================================================================
+
+
+def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, result: UpdateResult,
+                update_s: float, t_step: float) -> None:
+    """Token-level distributions gathered to rank 0, which logs the step's record and its one line."""
+    cfg = run.cfg
+    local = None
+    if result.advantage_N is not None:
+        ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in batch.teacher])
+        dumping = cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0
+        lines = rollout_lines(step, batch.rollouts, problems, batch.correct, result.mask_N, result.advantage_N, ent_N) if dumping else []
+        local = (result.advantage_N, result.mask_N, ent_N, lines)
+    gathered = run.ranks.gather(local)
+    step_s = time.perf_counter() - t_step
+    if not run.ranks.main:
+        return
+    c = result.counts
+    n_tokens, n_seqs = int(c["tokens"]), int(c["seqs"])
+    weights_mib, optim_mib = local_mib(run.policy, run.optimizer)
+    record: dict[str, Any] = {"step": step}
+    record.update({k: v / max(n_tokens, 1) for k, v in result.sums.items()})
+    if gathered[0] is not None:
+        adv_N, mask_N, ent_N = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+        for q in (5, 25, 50, 75, 95):  # np.quantile: torch.quantile refuses more than 2**24 elements
+            record[f"adv/p{q:02d}"] = float(np.quantile(adv_N, q / 100)) if adv_N.size else 0.0
+        if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
+            counts, edges = advantage_histogram(torch.from_numpy(adv_N))
+            record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
+        record["teacher/topk_entropy_masked"] = float(ent_N[mask_N].mean()) if mask_N.any() else 0.0
+        record["teacher/topk_entropy_unmasked"] = float(ent_N[~mask_N].mean()) if (~mask_N).any() else 0.0
+        lines = [line for g in gathered for line in g[3]]
+        if lines:
+            with open(run.run_dir / "rollouts.jsonl", "a") as f:
+                f.writelines(lines)
+    record.update({
+        "optim/grad_norm": result.grad_norm,
+        "optim/lr": run.scheduler.get_last_lr()[0],
+        "rollout/len_mean": n_tokens / max(n_seqs, 1),
+        "rollout/finished_frac": c["finished"] / max(n_seqs, 1),
+        "rollout/correct_frac": c["correct"] / max(n_seqs, 1),
+        "teacher/latency_ms": 1000 * c["teacher_s"] / max(c["requests"], 1),
+        "teacher/outage_s": c["outage_s"],
+        # timings are rank 0's
+        "timing/generate_s": batch.generate_s,
+        "timing/score_wait_s": batch.score_wait_s,
+        # share of teacher time hidden behind generation (1 = fully overlapped)
+        "timing/score_overlap": 1.0 - batch.score_wait_s / batch.teacher_s if batch.teacher_s > 0 else 1.0,
+        "timing/update_s": update_s,
+        "timing/step_s": step_s,
+        "throughput/tok_per_s": n_tokens / step_s,
+        # rank 0's share: 1/N of the whole when sharded over N ranks
+        "memory/weights_mib": weights_mib,
+        "memory/optimizer_mib": optim_mib,
+    })
+    if run.device.type == "cuda":
+        record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    run.log(record)
+    print(
+        f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
+        f"(pg {record.get('loss/pg', 0.0):.4f} div {record.get('loss/div', 0.0):.4f}) | "
+        f"int {record.get('aopd/intervention_ratio', 0.0):.3f} | ent {record.get('policy/entropy', 0.0):.3f} | "
+        f"gn {result.grad_norm:.3f} | acc {record['rollout/correct_frac']:.3f} | teacher {record['teacher/latency_ms']:.0f}ms "
+        f"overlap {record['timing/score_overlap']:.2f} | {record['throughput/tok_per_s']:.0f} tok/s | {step_s:.2f}s",
+        flush=True,
+    )
+
+
+def run_eval(run: Run, step: int) -> dict[str, float]:
+    """pass@k on the held-out problems; each rank evaluates a share, rank 0 merges and logs."""
+    cfg, ranks = run.cfg, run.ranks
+    lo, hi = ranks.shard_of(len(run.eval_problems))
+    mine = run.eval_problems[lo:hi]
+    per_problem = evaluate(
+        run.generator, run.tokenizer, mine, n=cfg.train.eval_n, ks=tuple(cfg.train.eval_ks),
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
+        top_p=cfg.rollout.top_p, seed=cfg.train.seed + 7919 + ranks.rank,
+    ).per_problem if mine else []
+    gathered = ranks.gather(per_problem)
+    if not ranks.main:
+        return {}
+    metrics = eval_metrics([p for part in gathered for p in part], cfg.train.eval_ks)
+    run.log({"step": step, **metrics})
+    logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Full weights and a name-keyed full optimizer state (collectives when sharded), written by rank 0."""
+    weights = run.weights.full_state()
+    optim_state = full_optimizer_state(run.policy, run.optimizer)
+    if run.ranks.main:
+        save_checkpoint(
+            run.run_dir, step, run.model, run.tokenizer,
+            {"step": step, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
+             "sampler": run.prompts.state_dict(), "torch_rng": torch.get_rng_state()},
+            keep=run.cfg.train.keep_checkpoints, state_dict=weights,
+        )
+    run.ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
 
 # =====================================================================================================
@@ -280,16 +552,87 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     timeout_s = cfg.train.dist_timeout_s or max(1800.0, cfg.teacher.outage_timeout_s + 600.0)
     ranks, rank_device = init_ranks(cfg.model.device, timeout_s=timeout_s, single_group=single)
     try:
-        return _train(cfg, resume, ranks, rank_device)
+        run = setup(cfg, resume, ranks, rank_device)
+        try:
+            return _train(run)
+        finally:
+            run.close()
     finally:
         close_ranks()
 
 
-def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> dict[str, float]:
-    from student_trainer.data import PromptSampler, load_problems
-    from student_trainer.evaluate import eval_metrics, evaluate, is_correct
+def _train(run: Run) -> dict[str, float]:
+    cfg = run.cfg
+    collect = collect_teacher_samples if cfg.loss.mode == "seqkd" else collect_scored_rollouts
+    last_eval = run_eval(run, 0) if cfg.train.eval_every and run.start_step == 0 else {}
+    for steps_this_run, step in enumerate(range(run.start_step + 1, cfg.train.steps + 1), start=1):
+        t_step = time.perf_counter()
+        problems = run.prompts.next_batch(cfg.rollout.prompts_per_step)
+        batch = collect(run, step, problems)
+        run.generator.before_update()  # vLLM on GPU: its weights and KV cache make room for the update
+        t_up = time.perf_counter()
+        result = update(run, batch)
+        run.generator.after_update(run.weights)  # the next rollouts sample from the updated policy
+        record_step(run, step, problems, batch, result, time.perf_counter() - t_up, t_step)
 
-    # ---------------------------------------------------------------- setup
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            last_eval = run_eval(run, step)
+        stopping = cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps or stopping:
+            checkpoint(run, step)
+        if stopping and step != cfg.train.steps:
+            logger.info("stop_after_steps=%d reached at step %d; resume with --resume", cfg.train.stop_after_steps, step)
+            return last_eval
+    if cfg.train.eval_every:
+        last_eval = run_eval(run, cfg.train.steps)
+    return last_eval
+
+
+@dataclass
+class Run:
+    """Everything a run holds, built by `setup` in this order and released by `close`."""
+
+    cfg: RunConfig
+    ranks: Ranks
+    run_dir: Path
+    device: torch.device
+    tokenizer: Any
+    model: torch.nn.Module  # the Hugging Face module (sharded inside `policy` under FSDP)
+    policy: Policy
+    weights: StudentWeights
+    eval_problems: list[Problem]
+    prompts: PromptSampler
+    chunks: list[tuple[int, int, int]]  # this rank's (chunk index, start, stop) of each step's prompts
+    teacher: TeacherClient | TeacherPool
+    ref: TeacherClient | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_step: int
+    generator: Generator
+    scorer: StreamingScorer
+    metrics_file: Any = None  # rank 0 only
+    tb: Any = None
+
+    def log(self, record: dict[str, Any]) -> None:  # rank 0 only
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.generator.close()
+        self.scorer.close()
+        self.teacher.close()
+        for part in (self.ref, self.metrics_file, self.tb):
+            if part is not None:
+                part.close()
+
+
+def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> Run:
+    """Model (sharded under torchrun or mixed precision), data, teacher handshake, optimizer, the resumed state,
+    the sampler. Refuses what cannot work before any step runs."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.main:
@@ -297,9 +640,9 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     device, dtype = resolve_device_dtype(str(rank_device) if rank_device else cfg.model.device, cfg.model.dtype)
     mixed = mixed_precision(cfg, dtype)
     sharded = ranks.world > 1 or mixed  # the policy is an FSDP2 module (see student_trainer/parallel.py)
-    chunks_of_step = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
+    chunks = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
     if cfg.rollout.engine == "vllm" and int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) != ranks.world:
-        raise SystemExit(
+        raise ConfigError(
             "rollout.engine=vllm on several nodes is not supported: the ranks' engines reload the weights rank 0 "
             "writes to its /dev/shm; run on one node, or use rollout.engine=hf"
         )
@@ -307,9 +650,11 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     ckpt = latest_checkpoint(run_dir) if resume else None
     ckpt = ranks.broadcast(ckpt)  # rank 0's choice; every rank must see the same directory
     if ckpt is not None and not (ckpt / "trainer_state.pt").is_file():
-        raise SystemExit(f"rank {ranks.rank} cannot read {ckpt}: train.run_dir must be on a filesystem every rank sees")
+        raise ConfigError(f"rank {ranks.rank} cannot read {ckpt}: train.run_dir must be on a filesystem every rank sees")
     if resume and ckpt is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
+
+    # ---- the student
     model_path = str(ckpt) if ckpt else cfg.model.path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
@@ -334,22 +679,17 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     else:
         model.to(device)
 
-    train_problems = load_problems(
-        cfg.data.train_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
+    # ---- data
+    problem_kw = dict(
+        prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
         apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
     )
-    eval_problems = (
-        load_problems(
-            cfg.data.eval_path, tokenizer, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
-            apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
-            limit=cfg.data.eval_limit,
-        )
-        if cfg.data.eval_path
-        else []
-    )
-    sampler = PromptSampler(train_problems, seed=cfg.train.seed)
+    train_problems = load_problems(cfg.data.train_path, tokenizer, **problem_kw)
+    eval_problems = load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit) if cfg.data.eval_path else []
+    prompts = PromptSampler(train_problems, seed=cfg.train.seed)
     longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
 
+    # ---- the teacher (and exopd's reference endpoint): reachable and compatible, or refused now
     client_kw = dict(
         timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries, max_backoff_s=cfg.teacher.max_backoff_s,
         api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding,
@@ -363,16 +703,12 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
     )
     ref = None
     if cfg.loss.mode == "exopd":
-        if cfg.teacher.ref_url is None:
-            raise SystemExit(
-                "loss.mode=exopd needs reference logprobs: serve the student's initial weights as a second endpoint "
-                f"(python -m teacher_server --model {cfg.model.path} --port 8001) and set teacher.ref_url"
-            )
         ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
         wait_for_teacher(ref, cfg.teacher.startup_wait_s, "reference endpoint")
         ref.connect(tokenizer=tokenizer, vocab_size=vocab, max_seq_len=longest)
     logger.info("teacher %s (%s, engine %s) ready; student %s on %s", cfg.teacher.url, info.model, info.engine, model_path, device)
 
+    # ---- optimizer, and the resumed state
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
@@ -382,18 +718,19 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         state = load_trainer_state(ckpt)
         load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
+        prompts.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
+    # ---- the sampler
     if cfg.rollout.engine == "vllm":
         from student_trainer.rollout_vllm import VLLMGenerator, new_weights_dir
 
         # one engine per rank, on the rank's GPU; under torchrun rank 0 writes each update once, to a directory
         # (in /dev/shm) that every rank's engine reloads from
         shared_dir = ranks.broadcast(new_weights_dir() if ranks.main else None) if sharded else None
-        generator = VLLMGenerator(
+        generator: Generator = VLLMGenerator(
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
             weights_dir=shared_dir, remove_weights_dir=ranks.main, sleep=cfg.rollout.vllm_sleep,
@@ -401,240 +738,20 @@ def _train(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device
         )
     else:
         generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)
-    scorer = StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if ranks.main else None
-    tb = None
-    if cfg.train.tensorboard and ranks.main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run_dir / "tb"))
+    run = Run(
+        cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, policy=policy,
+        weights=StudentWeights(policy, ranks, sharded), eval_problems=eval_problems, prompts=prompts, chunks=chunks,
+        teacher=teacher, ref=ref, optimizer=optimizer, scheduler=scheduler, start_step=start_step, generator=generator,
+        scorer=StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s),
+    )
+    if ranks.main:
+        run.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def log(record: dict[str, Any]) -> None:  # rank 0 only
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    tb.add_scalar(k, v, record["step"])
-
-    def run_eval(step: int) -> dict[str, float]:
-        lo, hi = ranks.shard_of(len(eval_problems))  # each rank evaluates a share; rank 0 merges
-        mine = eval_problems[lo:hi]
-        per_problem = evaluate(
-            generator, tokenizer, mine, n=cfg.train.eval_n, ks=tuple(cfg.train.eval_ks),
-            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
-            top_p=cfg.rollout.top_p, seed=cfg.train.seed + 7919 + ranks.rank,
-        ).per_problem if mine else []
-        gathered = ranks.gather(per_problem)
-        if not ranks.main:
-            return {}
-        metrics = eval_metrics([p for part in gathered for p in part], cfg.train.eval_ks)
-        log({"step": step, **metrics})
-        logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    def checkpoint(step: int) -> None:
-        # full weights and a name-keyed full optimizer state (collectives when sharded), written by rank 0
-        weights = full_model_state(policy) if sharded else None
-        optim_state = full_optimizer_state(policy, optimizer)
-        if ranks.main:
-            save_checkpoint(
-                run_dir, step, model, tokenizer,
-                {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
-                keep=cfg.train.keep_checkpoints, state_dict=weights,
-            )
-        ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
-
-    # ---------------------------------------------------------------- steps
-    n_per_step = cfg.rollout.prompts_per_step
-    steps_this_run = 0
-    step = start_step
-    last_eval: dict[str, float] = {}
-    try:
-        if cfg.train.eval_every and start_step == 0:
-            last_eval = run_eval(0)
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            t_step = time.perf_counter()
-            problems = sampler.next_batch(n_per_step)
-
-            # ---- rollout, streamed to the teacher chunk by chunk
-            t_gen = 0.0
-            futures: list[Future] = []
-            pending: list[Rollout] = []
-            show = cfg.train.progress and ranks.main and len(chunks_of_step) >= 4
-            for ci, start, stop in tqdm(chunks_of_step, desc=f"rollout {step}", leave=False, disable=not show):
-                chunk = problems[start:stop]  # this rank's share; prompt_index below indexes the whole step
-                t0 = time.perf_counter()
-                seed = cfg.train.seed * 1_000_003 + step * 1009 + ci  # rollouts are a function of (weights, step)
-                if cfg.loss.mode == "seqkd":
-                    comps, _ = call_with_outage_retry(
-                        lambda: teacher.generate(
-                            [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt,
-                            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, seed=seed,
-                        ),
-                        "teacher generation", cfg.teacher.outage_timeout_s,
-                    )
-                    prompt_of = [i for i in range(len(chunk)) for _ in range(cfg.rollout.samples_per_prompt)]
-                    pending += [
-                        Rollout(chunk[i].prompt_ids, c, np.zeros(len(c), np.float32), True, start + i)
-                        for i, c in zip(prompt_of, comps, strict=True)
-                    ]
-                else:
-                    rollouts = generator.generate(
-                        [p.prompt_ids for p in chunk], cfg.rollout.samples_per_prompt,
-                        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                        top_p=cfg.rollout.top_p, seed=seed,
-                    )
-                    for r in rollouts:
-                        r.prompt_index += start
-                    if cfg.rollout.stream:
-                        futures.append(scorer.submit(rollouts))
-                    else:
-                        pending += rollouts  # held back, scored in one request after generation
-                t_gen += time.perf_counter() - t0
-            if not cfg.rollout.stream and cfg.loss.mode != "seqkd":
-                futures.append(scorer.submit(pending))
-            if cfg.rollout.engine == "vllm":
-                generator.sleep()  # GPU: the engine's weights and KV cache make room for the update (no-op on CPU)
-            t_wait0 = time.perf_counter()
-            scored = [f.result() for f in futures] if futures else [Scored(pending, None, None, 0.0, 0.0)]
-            t_wait = time.perf_counter() - t_wait0
-            rollouts = [r for s in scored for r in s.rollouts]
-            teacher_rows = [row for s in scored for row in (s.teacher or [None] * len(s.rollouts))]
-            ref_rows = [lp for s in scored for lp in (s.ref_logprobs or [None] * len(s.rollouts))]
-            texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-            correct = [is_correct(t, problems[r.prompt_index].answer) for t, r in zip(texts, rollouts, strict=True)]
-
-            # ---- update: micro-batches accumulate into one step (over all ranks: losses are normalised by the
-            # global counts, and x world because FSDP averages the ranks' gradients)
-            t_up = time.perf_counter()
-            n_local_tokens = sum(len(r.completion_ids) for r in rollouts)
-            items = list(zip(rollouts, teacher_rows, ref_rows, correct, strict=True))
-            n_tokens, n_seqs = (int(v) for v in ranks.sum([n_local_tokens, len(items)]))
-            sums: dict[str, float] = {}
-            advantages, masks = [], []
-            for a in range(0, len(items), cfg.optim.micro_batch_size):
-                mb = items[a : a + cfg.optim.micro_batch_size]
-                out, seq_N = micro_batch_losses(policy, mb, cfg, device)
-                seq_len_b = np.array([len(r.completion_ids) for r, *_ in mb], dtype=np.float64)
-                loss_N = out if cfg.loss.mode == "seqkd" else out.loss_N
-                (reduce_loss(loss_N, seq_N, seq_len_b, cfg, n_tokens, n_seqs) * ranks.world).backward()
-                n_mb = int(seq_N.size)
-                if cfg.loss.mode == "seqkd":
-                    sums["loss/nll"] = sums.get("loss/nll", 0.0) + float(loss_N.detach().sum())
-                else:
-                    for k, v in out.metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * n_mb
-                    advantages.append(out.advantage_N.detach().float().cpu())
-                    masks.append(out.mask_N.detach().cpu())
-            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.rollout.engine == "vllm":  # the next rollouts sample from the updated policy
-                if not sharded:
-                    generator.load_weights(model)
-                else:
-                    weights = full_model_state(policy)  # collective; rank 0 writes, then every engine reloads
-                    if ranks.main:
-                        generator.write_weights(model, weights)
-                    ranks.barrier()
-                    generator.reload()
-            if replica is not None:
-                copy_weights(policy, replica)
-            t_update = time.perf_counter() - t_up
-
-            # ---- log: counts summed over ranks, token-level distributions gathered to rank 0
-            teacher_s = sum(s.latency_s for s in scored)
-            keys = sorted(sums)
-            totals = ranks.sum([sums[k] for k in keys] + [
-                sum(r.finished for r in rollouts), sum(correct), teacher_s, len(futures), sum(s.outage_s for s in scored),
-            ])
-            sums = dict(zip(keys, totals[: len(keys)], strict=True))
-            n_finished, n_correct, teacher_s_all, n_requests, outage_s = totals[len(keys) :]
-            local = None
-            if advantages:
-                adv_N, mask_N = torch.cat(advantages).numpy(), torch.cat(masks).numpy()
-                ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in teacher_rows])
-                dumping = cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0
-                lines = rollout_lines(step, rollouts, problems, correct, mask_N, adv_N, ent_N) if dumping else []
-                local = (adv_N, mask_N, ent_N, lines)
-            gathered = ranks.gather(local)
-            step_s = time.perf_counter() - t_step
-            if ranks.main:
-                weights_mib, optim_mib = local_mib(policy, optimizer)
-                record: dict[str, Any] = {"step": step}
-                record.update({k: v / max(n_tokens, 1) for k, v in sums.items() if not k.startswith("adv/p")})
-                if gathered[0] is not None:
-                    adv_N, mask_N, ent_N = (np.concatenate([g[i] for g in gathered]) for i in range(3))
-                    for q in (5, 25, 50, 75, 95):  # np.quantile: torch.quantile refuses more than 2**24 elements
-                        record[f"adv/p{q:02d}"] = float(np.quantile(adv_N, q / 100)) if adv_N.size else 0.0
-                    if cfg.train.hist_every and (step % cfg.train.hist_every == 0 or step == 1):
-                        counts, edges = advantage_histogram(torch.from_numpy(adv_N))
-                        record["adv/hist_counts"], record["adv/hist_edges"] = counts.tolist(), edges.tolist()
-                    record["teacher/topk_entropy_masked"] = float(ent_N[mask_N].mean()) if mask_N.any() else 0.0
-                    record["teacher/topk_entropy_unmasked"] = float(ent_N[~mask_N].mean()) if (~mask_N).any() else 0.0
-                    lines = [line for g in gathered for line in g[3]]
-                    if lines:
-                        with open(run_dir / "rollouts.jsonl", "a") as f:
-                            f.writelines(lines)
-                record.update({
-                    "optim/grad_norm": grad_norm,
-                    "optim/lr": scheduler.get_last_lr()[0],
-                    "rollout/len_mean": n_tokens / max(n_seqs, 1),
-                    "rollout/finished_frac": n_finished / max(n_seqs, 1),
-                    "rollout/correct_frac": n_correct / max(n_seqs, 1),
-                    "teacher/latency_ms": 1000 * teacher_s_all / max(n_requests, 1),
-                    "teacher/outage_s": outage_s,
-                    # timings are rank 0's
-                    "timing/generate_s": t_gen,
-                    "timing/score_wait_s": t_wait,
-                    # share of teacher time hidden behind generation (1 = fully overlapped)
-                    "timing/score_overlap": 1.0 - t_wait / teacher_s if teacher_s > 0 else 1.0,
-                    "timing/update_s": t_update,
-                    "timing/step_s": step_s,
-                    "throughput/tok_per_s": n_tokens / step_s,
-                    # rank 0's share: 1/N of the whole when sharded over N ranks
-                    "memory/weights_mib": weights_mib,
-                    "memory/optimizer_mib": optim_mib,
-                })
-                if device.type == "cuda":
-                    record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-                log(record)
-                print(
-                    f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
-                    f"(pg {record.get('loss/pg', 0.0):.4f} div {record.get('loss/div', 0.0):.4f}) | "
-                    f"int {record.get('aopd/intervention_ratio', 0.0):.3f} | ent {record.get('policy/entropy', 0.0):.3f} | "
-                    f"gn {grad_norm:.3f} | acc {record['rollout/correct_frac']:.3f} | teacher {record['teacher/latency_ms']:.0f}ms "
-                    f"overlap {record['timing/score_overlap']:.2f} | {record['throughput/tok_per_s']:.0f} tok/s | {step_s:.2f}s",
-                    flush=True,
-                )
-
-            steps_this_run += 1
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-                last_eval = run_eval(step)
-            stopping = cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps or stopping:
-                checkpoint(step)
-            if stopping and step != cfg.train.steps:
-                logger.info("stop_after_steps=%d reached at step %d; resume with --resume", cfg.train.stop_after_steps, step)
-                return last_eval
-        if cfg.train.eval_every:
-            last_eval = run_eval(cfg.train.steps)
-    finally:
-        if hasattr(generator, "close"):
-            generator.close()
-        scorer.close()
-        teacher.close()
-        if ref is not None:
-            ref.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if tb is not None:
-            tb.close()
-    return last_eval
+            run.tb = SummaryWriter(str(run_dir / "tb"))
+    return run
 
 
 def setup_logging(level: str = "INFO") -> None:

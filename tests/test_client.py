@@ -13,7 +13,13 @@ from transformers import AutoTokenizer
 
 from protocol import codec
 from protocol.schema import ScoreBatch
-from student_trainer.teacher_client import AsyncTeacherClient, TeacherClient, TeacherError, TeacherIncompatibleError
+from student_trainer.teacher_client import (
+    AsyncTeacherClient,
+    TeacherClient,
+    TeacherError,
+    TeacherIncompatibleError,
+    TeacherUnavailableError,
+)
 
 SEQS = [([2, 10, 11, 12, 13], 2), ([2, 40, 41], 1)]
 
@@ -165,25 +171,32 @@ def test_response_for_other_sequences_is_rejected():
         return httpx.Response(200, content=codec.encode_response_msgpack(wrong), headers={"content-type": "application/msgpack"})
 
     client = TeacherClient("http://teacher", transport=httpx.MockTransport(handler))
-    with pytest.raises(TeacherError, match="expected 2"):
+    with pytest.raises(TeacherError, match="expected 2") as exc:
         client.score(SEQS, top_k=2)
+    assert not isinstance(exc.value, TeacherUnavailableError), "a bad response is not an outage: waiting will not fix it"
 
 
 def test_read_timeout_surfaces_as_an_outage_error_not_a_crash():
-    from student_trainer.train import is_outage
-
     def handler(request):
         raise httpx.ReadTimeout("slow", request=request)
 
     client = TeacherClient("http://teacher", transport=httpx.MockTransport(handler))
+    with pytest.raises(TeacherUnavailableError) as exc:
+        client.score(SEQS, top_k=2)
+    assert exc.value.status is None
+
+
+@pytest.mark.parametrize("status,outage", [(429, True), (502, True), (503, True), (400, False), (401, False),
+                                           (413, False), (500, False)])
+def test_only_busy_or_down_answers_are_outages(status, outage):
+    """429 / 502 / 503 (after the retries) are TeacherUnavailableError, which the trainer waits out; a refusal is
+    a plain TeacherError that stops the run with the server's message."""
+    def handler(request):
+        return httpx.Response(status, json={"error": {"type": "t", "message": "m"}}, headers={"retry-after": "0"})
+
+    client = TeacherClient("http://teacher", transport=httpx.MockTransport(handler), max_retries=1, backoff_s=0.0)
     with pytest.raises(TeacherError) as exc:
         client.score(SEQS, top_k=2)
-    assert exc.value.status is None and is_outage(exc.value)
+    assert isinstance(exc.value, TeacherUnavailableError) == outage and exc.value.status == status
 
 
-def test_a_bad_response_is_not_an_outage():
-    from student_trainer.train import is_outage
-
-    assert not is_outage(TeacherError("x", status=None, error_type="invalid_response"))
-    assert not is_outage(TeacherError("x", status=400, error_type="invalid_top_k"))
-    assert is_outage(TeacherError("x", status=503, error_type="engine_unavailable"))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from student_trainer.config import dump_config
+from student_trainer.config import ConfigError, dump_config
 from student_trainer.parallel import Ranks, local_chunks
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.app import create_app
@@ -149,7 +149,7 @@ def test_prompts_split_into_whole_chunks_with_single_process_seeds():
     uneven = [c for r in range(2) for c in local_chunks(6, 2, Ranks(rank=r, world=2))]  # 3 prompts per rank
     assert [(s, e) for _, s, e in uneven] == [(0, 2), (2, 3), (3, 5), (5, 6)]
     assert len({ci for ci, _, _ in uneven}) == 4  # chunk indices (sampling seeds) stay unique
-    with pytest.raises(SystemExit, match="multiple of 2"):
+    with pytest.raises(ConfigError, match="multiple of 2"):
         local_chunks(5, 2, Ranks(rank=0, world=2))
 
 

@@ -97,7 +97,7 @@ def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, t
     from student_trainer.rollout import HFGenerator
     from student_trainer.teacher_client import TeacherClient
     from student_trainer.parallel import Policy
-    from student_trainer.train import micro_batch_losses
+    from student_trainer.train import StepBatch, micro_batch_losses
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = make_cfg(student_dir, teacher_url, data_files, tmp_path, "loss.mode=gkd")
@@ -107,11 +107,11 @@ def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, t
     rollouts = HFGenerator(model, tok).generate([p.prompt_ids for p in problems], 2, max_new_tokens=6, seed=0)
     with TeacherClient(teacher_url) as t:
         rows = t.score([(r.token_ids, len(r.prompt_ids)) for r in rollouts], top_k=8)
-    items = [(r, row, None, False) for r, row in zip(rollouts, rows, strict=True)]
+    batch = StepBatch(rollouts, rows, None, [False] * len(rollouts))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        out, _ = micro_batch_losses(Policy(model), items, cfg, torch.device("cpu"))
+        out = micro_batch_losses(Policy(model), batch, cfg, torch.device("cpu"))
         loss = out.loss_N.mean()
         losses.append(float(loss.detach()))
         opt.zero_grad()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from generation.hf import sample
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.schema import ScoreBatch, ScoreResult
 from teacher_server.engines.base import EngineInfo, ScoringEngine
@@ -99,14 +100,15 @@ class HFEngine(ScoringEngine):
         return self._failed is None and self._worker is not None and not self._worker.done()
 
     async def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
-        # The student's rollout generator (one tested sampling path), on the teacher's weights. It runs on the
+        # The trainer's sampling code (generation.hf, one tested path), on the teacher's weights. It runs on the
         # same worker thread as scoring forwards, so the two never compete for the model.
-        from student_trainer.rollout import HFGenerator
-
         def run() -> list[list[int]]:
-            gen = HFGenerator(self.model, self.tokenizer, batch_size=max(1, self.settings.max_tokens_per_batch // 512))
-            rollouts = gen.generate(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-            return [r.completion_ids for r in rollouts]
+            samples = sample(
+                self.model, self.tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, batch_size=max(1, self.settings.max_tokens_per_batch // 512),
+                record_logprobs=False,
+            )
+            return [s.completion_ids for s in samples]
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
