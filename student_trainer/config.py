@@ -146,8 +146,19 @@ class OptimSection(_Section):
         "weights themselves (less memory, but an update below ~1/256 of a weight rounds away: lr 1e-5 on weights "
         "of 0.01 changes nothing).",
     )
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each decoder layer's activations in backward instead of keeping them (one "
+        "layer's activations plus each layer's input instead of all of them; the gradients are the same, the "
+        "update ~1.3x slower). None: on with a GPU, off on CPU.",
+    )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate over "
                                   "the step's micro-batches (the step's update does not depend on it).")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="A token budget per forward/backward instead: the step's sequences sorted by length "
+        "and packed while members x the longest <= this many (padded) tokens, at most micro_batch_size of them. "
+        "Bounds activation memory whatever the lengths and cuts padding (optim/padding_frac); the update is the "
+        "same up to float summation order. None: micro_batch_size sequences in rollout order.",
+    )
 
 
 class TrainSection(_Section):

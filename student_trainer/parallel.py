@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,7 +57,9 @@ class Policy(nn.Module):
 
     def forward(self, input_ids_bL, attention_mask_bL, seq_N, row_N, head: Callable[..., Any]):
         """`head(hidden_ND, weight_VD, sampled_N)`: the losses at the completion positions (row t-1 predicts t)."""
-        hidden_bLD = self.model.get_decoder()(input_ids=input_ids_bL, attention_mask=attention_mask_bL).last_hidden_state
+        # use_cache=False: transformers would otherwise build a DynamicCache and copy every layer's K/V
+        decoder = self.model.get_decoder()
+        hidden_bLD = decoder(input_ids=input_ids_bL, attention_mask=attention_mask_bL, use_cache=False).last_hidden_state
         weight_VD = self.model.get_output_embeddings().weight
         return head(hidden_bLD[seq_N, row_N].to(weight_VD.dtype), weight_VD, input_ids_bL[seq_N, row_N + 1])
 
@@ -81,6 +84,14 @@ class Ranks:
         t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
         return dict(zip(names, t.cpu().tolist(), strict=True))
+
+    def max(self, value: float) -> float:
+        """The largest `value` over ranks (on every rank)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0, in rank order (None elsewhere). Picklable objects; in-process only."""
@@ -149,9 +160,42 @@ def close_ranks() -> None:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the classes a transformers model lists in `_no_split_modules`."""
+    """The repeated blocks to shard one by one: the classes a transformers model lists in `_no_split_modules`
+    (their activation-checkpoint wrappers where `checkpoint_layers` wrapped them)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    wrapped = {id(m._checkpoint_wrapped_module) for m in model.modules() if isinstance(m, CheckpointWrapper)}
+    return [
+        m for m in model.modules()
+        if (isinstance(m, CheckpointWrapper) and type(m._checkpoint_wrapped_module).__name__ in names)
+        or (type(m).__name__ in names and id(m) not in wrapped)
+    ]
+
+
+def checkpoint_layers(model: nn.Module) -> int:
+    """Activation checkpointing of every decoder layer (torch's non-reentrant checkpoint wrapper, as torchtitan
+    applies before `fully_shard`): a layer keeps only its input for backward and recomputes the rest, so
+    activation memory is one layer's worth plus an [L, D] input per layer. transformers' own
+    `gradient_checkpointing_enable()` would do nothing here: it checkpoints only in train() mode, and the
+    policy stays in eval(). The gradients are the same (recomputation repeats the same kernels). Parameter
+    names gain a `_checkpoint_wrapped_module.` part; state dicts do not. Returns the number of layers wrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: type(m).__name__ in names,
+    )
+    return sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+
+
+def param_name(name: str) -> str:
+    """A policy parameter's Hugging Face name (no `model.` prefix, no checkpoint-wrapper part)."""
+    return name.removeprefix("model.").replace("._checkpoint_wrapped_module", "")
 
 
 def shard(policy: Policy, ranks: Ranks, device: torch.device, compute_dtype: torch.dtype | None = None) -> None:
@@ -213,7 +257,7 @@ def load_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer, state
     if any(isinstance(k, int) for k in state.get("state", {})) or any(
         isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"]
     ):  # index-keyed: indices follow policy.parameters(), i.e. named_parameters() order
-        names = [n for n, _ in policy.named_parameters()]
+        names = [n.replace("._checkpoint_wrapped_module", "") for n, _ in policy.named_parameters()]
         state = {
             "state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
@@ -250,7 +294,7 @@ def copy_weights(policy: Policy, replica: nn.Module) -> None:
     all-gather per parameter, so at most one full parameter is in flight besides the replica."""
     for name, p in policy.named_parameters():
         full = p.full_tensor() if isinstance(p, DTensor) else p
-        replica.get_parameter(name.removeprefix("model.")).copy_(full)
+        replica.get_parameter(param_name(name)).copy_(full)
 
 
 def local_chunks(n_prompts: int, chunk: int, ranks: Ranks) -> list[tuple[int, int, int]]:

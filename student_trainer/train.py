@@ -10,7 +10,7 @@ setup -> per step: problems -> rollout and score -> before update -> update -> a
   teacher's own samples: its phase is `collect_teacher_samples`, and the rest of the step is the same.
 - before / after update: the sampler's own lifecycle (`Generator.before_update` / `after_update`): vLLM
   sleeps during the update and reloads the new weights; an HF replica under FSDP copies them in.
-- update: micro-batches by `optim.micro_batch_size`, fused per-token losses (the [N, V] logits never exist),
+- update: micro-batches by `optim.micro_batch_size` (or a token budget over length-sorted sequences), fused per-token losses (the [N, V] logits never exist),
   gradients accumulated, clip, optimizer and scheduler step.
 - record: per-token metric sums reduced over micro-batches and ranks by name, divided by the step's tokens.
 
@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ from student_trainer.parallel import (
     Policy,
     Ranks,
     StudentWeights,
+    checkpoint_layers,
     close_ranks,
     full_optimizer_state,
     grad_norm_value,
@@ -236,12 +237,12 @@ class StepBatch:
     requests: int = 0  # scoring requests sent
     outage_s: float = 0.0  # time spent waiting out teacher outages
 
-    def micro_batches(self, size: int) -> Iterator[StepBatch]:
-        for a in range(0, len(self.rollouts), size):
-            def part(xs):
-                return None if xs is None else xs[a : a + size]
+    def select(self, idx: np.ndarray) -> StepBatch:
+        """The rollouts at `idx`, in that order."""
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in idx]
 
-            yield StepBatch(self.rollouts[a : a + size], part(self.teacher), part(self.ref_logprobs), self.correct[a : a + size])
+        return StepBatch(pick(self.rollouts), pick(self.teacher), pick(self.ref_logprobs), pick(self.correct))
 
     @property
     def n_tokens(self) -> int:
@@ -385,6 +386,38 @@ def _distillation_head(mb: StepBatch, cfg: RunConfig, device, completion_lens_b:
     return head
 
 
+def micro_batch_groups(lengths_b: np.ndarray, max_seqs: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Which of the step's sequences go into each micro-batch (a forward pads its members to the longest).
+
+    `max_tokens` None: consecutive groups of `max_seqs`, in rollout order. Otherwise the sequences sorted by
+    length, longest first, each group filled while members x its longest <= `max_tokens` (padded tokens) and
+    members <= `max_seqs`; a sequence longer than the budget goes alone. Sorting puts like lengths together, so
+    little is padding, and a budget bounds the activations of every forward whatever the lengths.
+    """
+    n = len(lengths_b)
+    if max_tokens is None:
+        return [np.arange(a, min(a + max_seqs, n)) for a in range(0, n, max_seqs)]
+    order = np.argsort(-lengths_b, kind="stable")
+    groups, start = [], 0
+    for i in range(1, n + 1):  # per sequence, not per token
+        if i == n or i - start >= max_seqs or (i - start + 1) * int(lengths_b[order[start]]) > max_tokens:
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
+def split_to(groups: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """Halve the largest groups until there are `n` (every FSDP rank must run as many forwards as the others)."""
+    groups = list(groups)
+    while len(groups) < n:
+        i = max(range(len(groups)), key=lambda j: len(groups[j]))
+        if len(groups[i]) < 2:
+            raise ValueError(f"cannot make {n} micro-batches of {sum(len(g) for g in groups)} sequences")
+        half = len(groups[i]) // 2
+        groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
 def reduce_loss(loss_N: torch.Tensor, seq_N: np.ndarray, seq_len_b: np.ndarray, cfg: RunConfig, n_tokens: int, n_seqs: int):
     """This micro-batch's share of the step loss, so gradients accumulated over micro-batches equal one big batch."""
     if cfg.loss.reduction == "token":
@@ -406,14 +439,20 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
     """Micro-batches accumulate into one step. Over all ranks too: the losses are normalised by the global
     counts, and multiplied by the world size because FSDP averages the ranks' gradients."""
     cfg, ranks = run.cfg, run.ranks
+    lengths_b = np.array([len(r.token_ids) for r in batch.rollouts])
+    groups = micro_batch_groups(lengths_b, cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
+    groups = split_to(groups, int(ranks.max(len(groups))))
     counts = ranks.sum({
         "tokens": batch.n_tokens, "seqs": len(batch.rollouts), "finished": sum(r.finished for r in batch.rollouts),
         "correct": sum(batch.correct), "teacher_s": batch.teacher_s, "requests": batch.requests,
-        "outage_s": batch.outage_s,
+        "outage_s": batch.outage_s, "seq_tokens": int(lengths_b.sum()),
+        "padded_tokens": sum(len(g) * int(lengths_b[g].max()) for g in groups),
     })
     sums: dict[str, float] = {}
-    advantages, masks = [], []
-    for mb in batch.micro_batches(cfg.optim.micro_batch_size):
+    advantages: list[torch.Tensor | None] = [None] * len(batch.rollouts)  # per rollout, back in rollout order
+    masks: list[torch.Tensor | None] = [None] * len(batch.rollouts)
+    for idx in groups:
+        mb = batch.select(idx)
         out = micro_batch_losses(run.policy, mb, cfg, run.device)
         seq_len_b = np.array([len(r.completion_ids) for r in mb.rollouts], dtype=np.float64)
         (reduce_loss(out.loss_N, out.seq_N, seq_len_b, cfg, int(counts["tokens"]), int(counts["seqs"])) * ranks.world).backward()
@@ -421,15 +460,18 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
         for k, v in zip(names, torch.stack([out.metric_sums[k] for k in names]).tolist(), strict=True):
             sums[k] = sums.get(k, 0.0) + v
         if out.advantage_N is not None:
-            advantages.append(out.advantage_N.detach().float().cpu())
-            masks.append(out.mask_N.detach().cpu())
+            split = seq_len_b.astype(np.int64).tolist()
+            for i, a, m in zip(idx, out.advantage_N.detach().float().cpu().split(split),
+                               out.mask_N.detach().cpu().split(split), strict=True):
+                advantages[i], masks[i] = a, m
     grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.optim.grad_clip))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    per_token = advantages and advantages[0] is not None
     return UpdateResult(
         ranks.sum(sums), counts, grad_norm,
-        torch.cat(advantages).numpy() if advantages else None, torch.cat(masks).numpy() if masks else None,
+        torch.cat(advantages).numpy() if per_token else None, torch.cat(masks).numpy() if per_token else None,
     )
 
 
@@ -476,6 +518,8 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         "rollout/len_mean": n_tokens / max(n_seqs, 1),
         "rollout/finished_frac": c["finished"] / max(n_seqs, 1),
         "rollout/correct_frac": c["correct"] / max(n_seqs, 1),
+        # share of the update's forward positions that are padding (optim.micro_batch_tokens cuts it)
+        "optim/padding_frac": 1.0 - c["seq_tokens"] / max(c["padded_tokens"], 1),
         "teacher/latency_ms": 1000 * c["teacher_s"] / max(c["requests"], 1),
         "teacher/outage_s": c["outage_s"],
         # timings are rank 0's
@@ -666,6 +710,9 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     check_fused_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     policy = Policy(model)
+    ac = cfg.optim.activation_checkpointing
+    if ac or (ac is None and device.type == "cuda"):
+        logger.info("activation checkpointing: %d decoder layers", checkpoint_layers(model))
     replica = None  # under FSDP: a full copy on each rank that HF generate samples from, synced after each step
     if sharded:
         samples = cfg.loss.mode != "seqkd" or cfg.train.eval_every > 0  # seqkd samples only to evaluate

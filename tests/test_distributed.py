@@ -237,3 +237,17 @@ def test_index_keyed_optimizer_state_of_older_checkpoints_loads_into_a_sharded_p
         opt2.step()  # DTensor state: no mixed Tensor/DTensor error
     finally:
         dist.destroy_process_group()
+
+
+def test_activation_checkpointing_gives_the_same_update(setup, single):
+    """Recomputing each decoder layer in backward repeats the same kernels: bit-identical weights in one
+    process; under FSDP2 the wrapped layers shard like the plain ones and checkpoints keep Hugging Face names."""
+    one = setup["dir"] / "ac_one"
+    run(write_config(setup, one, "optim.activation_checkpointing=true"), 1)
+    a, b = weights(single, 2), weights(one, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    two = setup["dir"] / "ac_two"
+    run(write_config(setup, two, "optim.activation_checkpointing=true"), 2)
+    assert_weights_close(weights(single, 2), weights(two, 2))
+    state = torch.load(two / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
+    assert {k.removeprefix("model.") for k in state["optimizer"]["state"]} == set(weights(two, 2))

@@ -231,7 +231,8 @@ class HFEngine(ScoringEngine):
         ids_bL[mask_bL] = np.concatenate(seqs)
         input_ids = torch.from_numpy(ids_bL).to(self.device)
         attention = torch.from_numpy(mask_bL.astype(np.int64)).to(self.device)
-        hidden_bLD = self.decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        # use_cache=False: scoring is one forward; a KV cache would only copy every layer's K/V
+        hidden_bLD = self.decoder(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
 
         # Row t-1 of sequence i predicts token t, for t in [start_i, len_i).
         counts = lengths_b - starts_b
