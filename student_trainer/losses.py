@@ -366,22 +366,32 @@ class _ChunkBuffers:
     """[C, V] work buffers allocated once per forward / backward and reused by every chunk.
 
     Reuse matters on the CPU: a fresh 100 MB tensor per chunk is a fresh mmap, and its page faults cost as much
-    as the arithmetic. `lowp_CV` holds the matmul output (and the cast gradient) when the model runs in a low
-    precision dtype, since the matmul runs in the model's dtype, exactly like `lm_head(hidden).float()`.
+    as the arithmetic. With a low precision model (bfloat16) the chunk's logits are still produced in float32:
+    rounding them to bfloat16 first (what `lm_head(hidden).float()` does) moves a logit near 30 by up to 0.06,
+    and lp_S(y) with it, which is the quantity AOPD's mask and the importance ratio are decided on. On CUDA the
+    matmul writes float32 directly (`torch.mm(..., out_dtype=torch.float32)`, float32 accumulation as before);
+    elsewhere, where that kernel does not exist, the inputs are upcast (bfloat16 -> float32 is exact), with one
+    float32 copy of the weight per forward / backward. `lowp_CV` holds the gradient cast back to the weight's
+    dtype in backward.
     """
 
     def __init__(self, rows: int, weight_VD: torch.Tensor, dtype: torch.dtype, n_work: int) -> None:
         shape = (rows, weight_VD.shape[0])
         self.work_CV = [weight_VD.new_empty(shape, dtype=dtype) for _ in range(n_work)]
-        self.lowp_CV = weight_VD.new_empty(shape) if weight_VD.dtype != dtype else None
+        self.lowp = weight_VD.dtype != dtype
+        self.lowp_CV = weight_VD.new_empty(shape) if self.lowp else None
+        self.weight_hi_VD = weight_VD.to(dtype) if self.lowp and weight_VD.device.type != "cuda" else None
 
     def logits(self, hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
-        """z = h W^T of one chunk, in the first work buffer (the compute dtype), ours to overwrite."""
+        """z = h W^T of one chunk in the compute dtype (float32 output, see above), in the first work buffer,
+        ours to overwrite."""
         rows = hidden_CD.shape[0]
         z_CV = self.work_CV[0][:rows]
-        if self.lowp_CV is None:
+        if not self.lowp:
             return torch.mm(hidden_CD, weight_VD.T, out=z_CV)
-        return z_CV.copy_(torch.mm(hidden_CD, weight_VD.T, out=self.lowp_CV[:rows]))
+        if self.weight_hi_VD is None:  # CUDA
+            return z_CV.copy_(torch.mm(hidden_CD, weight_VD.T, out_dtype=z_CV.dtype))
+        return torch.mm(hidden_CD.to(z_CV.dtype), self.weight_hi_VD.T, out=z_CV)
 
     def to_weight_dtype(self, x_CV: torch.Tensor) -> torch.Tensor:
         """x cast to the weight's dtype (a no-op without a low precision buffer)."""

@@ -77,6 +77,13 @@ class HFEngine(ScoringEngine):
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        # Low precision weights: the logits are still float32 (see `_logits_fp32`); off CUDA with a float32 copy
+        # of the output layer, since the float32-output bfloat16 matmul exists only there.
+        low = self.lm_head.weight.dtype not in (torch.float32, torch.float64)
+        self._head_fp32 = None
+        if low and self.device.type != "cuda":
+            bias = getattr(self.lm_head, "bias", None)
+            self._head_fp32 = (self.lm_head.weight.float(), None if bias is None else bias.float())
         model_max = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.info = EngineInfo(
             model=s.model_name or os.path.basename(os.path.normpath(s.model)),
@@ -243,6 +250,17 @@ class HFEngine(ScoringEngine):
         target_N = input_ids[seq_t, pos_t + 1]
         return self.logprobs_topk(hidden_ND, target_N, k)
 
+    def _logits_fp32(self, hidden_CD: torch.Tensor) -> torch.Tensor:
+        """float32 logits without rounding them to the weights' dtype first: `lm_head(h).float()` in bfloat16
+        moves a logit near 30 by up to 0.06, and every logprob and top-k value with it."""
+        weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if weight.dtype in (torch.float32, torch.float64):
+            return self.lm_head(hidden_CD).float()
+        if self._head_fp32 is not None:
+            return torch.nn.functional.linear(hidden_CD.float(), *self._head_fp32)
+        logits = torch.mm(hidden_CD, weight.T, out_dtype=torch.float32)  # CUDA: float32 output, float32 accumulation
+        return logits if bias is None else logits + bias.float()
+
     def logprobs_topk(
         self, hidden_ND: torch.Tensor, target_N: torch.Tensor, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +271,7 @@ class HFEngine(ScoringEngine):
         lps_NK = torch.empty((n, k), dtype=torch.float32)
         lowest = torch.finfo(torch.float32).min
         for a in range(0, n, chunk):
-            logits = self.lm_head(hidden_ND[a : a + chunk]).float()
+            logits = self._logits_fp32(hidden_ND[a : a + chunk])
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
