@@ -25,11 +25,10 @@ from student_trainer.config import ConfigError, dump_config
 from student_trainer.parallel import Ranks, local_chunks
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.app import create_app
-from tests.conftest import HAS_VLLM, LiveServer, teacher_settings
-from tests.test_train import make_cfg
+from tests.helpers import HAS_VLLM, LiveServer, make_cfg, teacher_settings
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+pytestmark = [pytest.mark.numeric, pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")]
 
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 2e-5

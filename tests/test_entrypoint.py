@@ -10,7 +10,7 @@ import time
 import httpx
 
 from student_trainer.teacher_client import TeacherClient
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def test_cli_serves_and_env_settings_apply(tiny_model_dir):

@@ -22,6 +22,8 @@ from student_trainer.data import Problem
 from student_trainer.evaluate import evaluate, extract_boxed, is_correct, main, pass_at_k
 from student_trainer.rollout import Generator, HFGenerator, Rollout
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------------

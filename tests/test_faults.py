@@ -21,6 +21,8 @@ from student_trainer import checkpoint as ckpt_mod
 from student_trainer.tiny_models import build_tiny_model
 from teacher_server.process import free_port
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

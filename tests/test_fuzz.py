@@ -13,7 +13,7 @@ from protocol import codec
 from protocol.schema import ScoreBatch
 from teacher_server.app import create_app
 from teacher_server.settings import Settings
-from tests.conftest import LiveServer, teacher_settings
+from tests.helpers import LiveServer, teacher_settings
 
 CALLS: list[int] = []
 

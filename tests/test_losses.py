@@ -27,6 +27,8 @@ from student_trainer.losses import (
     token_losses,
 )
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 NEG_INF = float("-inf")
 
 

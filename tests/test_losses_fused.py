@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from student_trainer.losses import LossConfig, fused_logit_stats, fused_token_losses, token_losses
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 NEG_INF = float("-inf")
 
 

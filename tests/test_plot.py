@@ -17,6 +17,8 @@ from matplotlib.image import imread
 
 from student_trainer.plot import hist_figure, line_figure, load_run, load_runs, main, plot_runs
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from protocol import codec
 from protocol.schema import ProtocolError, ScoreBatch, ScoreResult
 
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
+
 
 def random_result(rng: np.random.Generator, num_scored: list[int], k: int) -> ScoreResult:
     n = sum(num_scored)

@@ -15,7 +15,7 @@ from protocol.schema import ScoreBatch
 from student_trainer.teacher_client import TeacherClient, TeacherError
 from teacher_server.app import create_app
 from teacher_server.engines.hf import HFEngine
-from tests.conftest import LiveServer, teacher_settings
+from tests.helpers import LiveServer, teacher_settings
 
 BODY = codec.encode_request_msgpack(ScoreBatch.from_sequences([([2, 10, 11, 12], 1)], 4))
 MSGPACK = {"content-type": "application/msgpack"}

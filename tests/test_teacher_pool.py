@@ -15,7 +15,7 @@ from protocol.schema import ScoreBatch
 from student_trainer.teacher_client import TeacherIncompatibleError
 from student_trainer.teacher_pool import TeacherPool
 from teacher_server.app import create_app
-from tests.conftest import LiveServer, teacher_settings
+from tests.helpers import LiveServer, teacher_settings
 
 
 def _metric(url: str, name: str) -> float:

@@ -17,7 +17,9 @@ from student_trainer.config import ConfigError, load_config
 from student_trainer.tiny_models import build_tiny_model
 from student_trainer.train import train
 from teacher_server.app import create_app
-from tests.conftest import LiveServer, teacher_settings
+from tests.helpers import LiveServer, make_cfg, teacher_settings
+
+pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +49,6 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
     for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
         (d / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d / "train.jsonl", d / "eval.jsonl"
-
-
-def make_cfg(student_dir, teacher_url, data_files, run_dir, *overrides):
-    return load_config(None, [
-        f"model.path={student_dir}", f"teacher.url={teacher_url}", "teacher.top_k=8",
-        f"data.train_path={data_files[0]}", f"data.eval_path={data_files[1]}", "data.apply_chat_template=false",
-        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
-        "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3",
-        f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=2", "train.eval_n=2", "train.eval_ks=[1,2]",
-        "train.progress=false", "train.hist_every=1", "train.dump_rollouts_every=2", *overrides,
-    ])
 
 
 REQUIRED_KEYS = [
@@ -204,7 +195,7 @@ def test_teacher_down_at_startup_is_waited_for_and_outage_mid_run_is_survived(
     import time
 
     from student_trainer.train import StreamingScorer
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -35,7 +35,7 @@ from teacher_server.engines.vllm import (  # noqa: E402
 )
 from teacher_server.settings import Settings  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.numeric, pytest.mark.vllm]
 
 # Both engines run the same float32 model with different kernels (vLLM's CPU attention and fused RMSNorm,
 # other GEMM blockings, log_softmax vs logsumexp), so results differ by rounding only. float32 has a relative

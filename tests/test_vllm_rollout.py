@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import HAS_VLLM
+from tests.helpers import HAS_VLLM
 
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")]
+pytestmark = [pytest.mark.numeric, pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")]
 
 # Both sides run the same float32 model with different kernels: differences are rounding, measured ~3e-6 here;
 # 1e-4 leaves a wide margin while a stale weight (the perturbation below moves logprobs by ~1e-2) fails it.
@@ -55,7 +55,7 @@ def test_training_runs_with_the_vllm_rollout_engine(tiny_model_dir, tmp_path):
     from student_trainer.config import load_config
     from student_trainer.train import train
     from teacher_server.app import create_app
-    from tests.conftest import LiveServer, teacher_settings
+    from tests.helpers import LiveServer, teacher_settings
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a} + {a} =", "answer": str(2 * a)}) + "\n" for a in range(1, 9)))
