@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-numeric lint demo bench clean
 
 install: $(STAMP)
 
@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
-	$(PY) -m toy.demo
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
-bench: $(STAMP)
-	$(PY) bench/codec.py
-
-clean:
-	rm -rf $(VENV) .pytest_cache runs
+# Every test that compares floats, under each CPU kernel level torch can run here (another processor's kernels).
+test-numeric: $(STAMP)
+	for cap in default avx2 avx512; do \
+	  flag=$$cap; [ $$cap = avx512 ] && flag=avx512f; \
+	  if [ $$cap = default ] || grep -qw $$flag /proc/cpuinfo; then \
+	    echo "== ATEN_CPU_CAPABILITY=$$cap"; ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -m numeric || exit 1; \
+	  else echo "== $$cap: this CPU has no $$flag, skipped"; fi; \
+	done

@@ -89,8 +89,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from student_trainer import train as train_mod
     from student_trainer.config import load_config
-    from teacher_server.process import free_port, serve_in_subprocess
     from student_trainer.tiny_models import build_tiny_model
+    from teacher_server.process import free_port, serve_in_subprocess
 
     tmp = Path(tempfile.mkdtemp(prefix="aopd-bench-pipeline-"))
     teacher_dir = build_tiny_model(tmp / "teacher", hidden_size=a.teacher_hidden, num_layers=a.teacher_layers,
@@ -101,8 +101,10 @@ def main() -> None:
                                    seed=1, tokenizer_dir=teacher_dir)
     data = tmp / "train.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{i} + {j} =", "answer": str(i + j)}) for i in range(10) for j in range(10)))
-    t_params = sum(v.numel() for v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(teacher_dir / "model.safetensors")).values())
-    s_params = sum(v.numel() for v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(student_dir / "model.safetensors")).values())
+    from safetensors.torch import load_file
+
+    t_params = sum(v.numel() for v in load_file(str(teacher_dir / "model.safetensors")).values())
+    s_params = sum(v.numel() for v in load_file(str(student_dir / "model.safetensors")).values())
 
     def cfg(run: str, url: str, *extra: str):
         return load_config(None, [

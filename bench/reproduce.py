@@ -183,7 +183,8 @@ def write_report(out: Path, inits, seeds, methods, a, wall_s: float) -> None:
     lines = [f"# Toy reproduction ({a.steps} steps x 16 prompts x 4 samples per run, K=32 unless noted)", "",
              f"Command: `python bench/reproduce.py --steps {a.steps} --seeds {a.seeds} --eval-limit {a.eval_limit}`; "
              f"wall time of this invocation {wall_s / 60:.1f} min (runs already finished are not re-run).",
-             f"Held-out pass@1 / pass@4 in %, mean ± std over seeds {a.seeds} ({a.eval_limit} held-out problems x 4 samples).", ""]
+             f"Held-out pass@1 / pass@4 in %, mean ± std over seeds {a.seeds} "
+             f"({a.eval_limit} held-out problems x 4 samples).", ""]
     for init in inits:
         lines += [f"## {init} initialisation", "", "| method | pass@1 | pass@4 | entropy (late) | grad norm (late) | "
                   "intervention (early → late) | p_S(y) − p_T(y) (late) |", "|---|---|---|---|---|---|---|"]

@@ -52,7 +52,9 @@ def _unpack_array(obj: Any, name: str, dtype: str, ndim: int) -> np.ndarray:
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise ProtocolError(f"field '{name}' must be an array map with keys dtype, shape, data", error_type="malformed_body")
     if obj["dtype"] != dtype:
-        raise ProtocolError(f"field '{name}' must have dtype {dtype}, got {str(obj['dtype'])[:16]!r}", error_type="malformed_body")
+        raise ProtocolError(
+            f"field '{name}' must have dtype {dtype}, got {str(obj['dtype'])[:16]!r}", error_type="malformed_body"
+        )
     shape, data = obj["shape"], obj["data"]
     if (
         not isinstance(shape, list)

@@ -82,7 +82,9 @@ class TeacherSection(_Section):
         "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory.",
     )
     top_k: int = Field(32, ge=1, description="K: teacher top-k per position.")
-    encoding: Literal["msgpack", "json"] = Field("msgpack", description="Wire encoding of scoring requests: msgpack (binary arrays, fast) or json (debugging).")
+    encoding: Literal["msgpack", "json"] = Field(
+        "msgpack", description="Wire encoding of scoring requests: msgpack (binary arrays, fast) or json (debugging)."
+    )
     timeout_s: float = Field(600.0, gt=0, description="Read timeout of one scoring request.")
     max_retries: int = Field(8, ge=0, description="Retries per request on connection errors / 429 / 502 / 503.")
     max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two retries (a Retry-After is capped to it).")
@@ -134,7 +136,9 @@ class RolloutSection(_Section):
 class OptimSection(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (peak, after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up from lr/warmup_steps to lr over this many steps.")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant lr, or cosine decay to min_lr_ratio * lr.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant lr, or cosine decay to min_lr_ratio * lr."
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of lr.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")

@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,7 +46,8 @@ class VLLMGenerator(Generator):
         sleep: bool = True,
     ):
         """`weights_dir`: where the new weights are written and reloaded from (default: `new_weights_dir()`).
-        `remove_weights_dir`: whether `close` removes it (default: when it was created here). `gpu`: index among the visible GPUs to run the engine on (one engine per trainer
+        `remove_weights_dir`: whether `close` removes it (default: when it was created here). `gpu`: index among
+        the visible GPUs to run the engine on (one engine per trainer
         rank under torchrun); None: vLLM's default, the first."""
         import torch
         from vllm import LLM
@@ -141,7 +141,8 @@ class VLLMGenerator(Generator):
             for c in comps:
                 ids = list(c.token_ids)
                 # logprobs=0: one entry per generated position, the sampled token's (flat lists, no dicts)
-                lps = np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None else np.zeros(len(ids), np.float32)
+                lps = (np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None
+                       else np.zeros(len(ids), np.float32))
                 finished = c.finish_reason == "stop"
                 if finished and c.stop_reason == self.eos and (not ids or ids[-1] != self.eos):
                     ids.append(self.eos)  # keep EOS in the completion, as HFGenerator does (its logprob unknown: 0)

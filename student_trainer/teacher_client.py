@@ -73,7 +73,8 @@ def _raise_for_response(resp: httpx.Response, url: str) -> None:
     except Exception:
         error_type, message = "http_error", resp.text[:300]
     error = TeacherUnavailableError if resp.status_code in RETRY_STATUSES else TeacherError
-    raise error(f"teacher at {url} answered {resp.status_code} ({error_type}): {message}", status=resp.status_code, error_type=error_type)
+    raise error(f"teacher at {url} answered {resp.status_code} ({error_type}): {message}",
+                status=resp.status_code, error_type=error_type)
 
 
 def _retry_after_s(resp: httpx.Response | None) -> float | None:
@@ -155,7 +156,8 @@ class _Base:
 
     def _decode(self, resp: httpx.Response, batch: ScoreBatch) -> ScoreResult:
         media = resp.headers.get("content-type", "").split(";")[0].strip()
-        result = codec.decode_response_msgpack(resp.content) if media == MSGPACK_MEDIA_TYPE else codec.decode_response_json(resp.content)
+        decode = codec.decode_response_msgpack if media == MSGPACK_MEDIA_TYPE else codec.decode_response_json
+        result = decode(resp.content)
         if not np.array_equal(result.num_scored_B, batch.num_scored_B) or result.top_k != batch.top_k:
             raise TeacherError(
                 f"teacher at {self.url} returned rows for {result.num_scored_B.size} sequences / K={result.top_k}, "

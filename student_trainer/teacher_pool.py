@@ -20,7 +20,12 @@ import time
 from typing import Any
 
 from protocol.schema import InfoResponse, ScoreBatch, ScoreResult
-from student_trainer.teacher_client import TeacherClient, TeacherError, TeacherIncompatibleError, TeacherUnavailableError
+from student_trainer.teacher_client import (
+    TeacherClient,
+    TeacherError,
+    TeacherIncompatibleError,
+    TeacherUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 

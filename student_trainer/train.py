@@ -10,8 +10,8 @@ setup -> per step: problems -> rollout and score -> before update -> update -> a
   teacher's own samples: its phase is `collect_teacher_samples`, and the rest of the step is the same.
 - before / after update: the sampler's own lifecycle (`Generator.before_update` / `after_update`): vLLM
   sleeps during the update and reloads the new weights; an HF replica under FSDP copies them in.
-- update: micro-batches by `optim.micro_batch_size` (or a token budget over length-sorted sequences), fused per-token losses (the [N, V] logits never exist),
-  gradients accumulated, clip, optimizer and scheduler step.
+- update: micro-batches by `optim.micro_batch_size` (or a token budget over length-sorted sequences), fused
+  per-token losses (the [N, V] logits never exist), gradients accumulated, clip, optimizer and scheduler step.
 - record: per-token metric sums reduced over micro-batches and ranks by name, divided by the step's tokens.
 
 Under torchrun every rank runs this loop on its share of the prompts (student_trainer/parallel.py); rank 0
@@ -189,7 +189,9 @@ class StreamingScorer:
     def _score(self, rollouts: list[Rollout]) -> Scored:
         t0 = time.perf_counter()
         batch = ScoreBatch.from_sequences([(r.token_ids, len(r.prompt_ids)) for r in rollouts], self.top_k)
-        teacher, outage = call_with_outage_retry(lambda: self.teacher.score_batch(batch).split(), "scoring", self.outage_timeout_s)
+        teacher, outage = call_with_outage_retry(
+            lambda: self.teacher.score_batch(batch).split(), "scoring", self.outage_timeout_s
+        )
         ref_lps = None
         if self.ref is not None:
             ref_batch = ScoreBatch(batch.token_ids_T, batch.lengths_B, batch.score_from_B, top_k=1)
@@ -488,7 +490,8 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
     if result.advantage_N is not None:
         ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in batch.teacher])
         dumping = cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0
-        lines = rollout_lines(step, batch.rollouts, problems, batch.correct, result.mask_N, result.advantage_N, ent_N) if dumping else []
+        lines = (rollout_lines(step, batch.rollouts, problems, batch.correct, result.mask_N, result.advantage_N, ent_N)
+                 if dumping else [])
         local = (result.advantage_N, result.mask_N, ent_N, lines)
     gathered = run.ranks.gather(local)
     step_s = time.perf_counter() - t_step
@@ -732,7 +735,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
     )
     train_problems = load_problems(cfg.data.train_path, tokenizer, **problem_kw)
-    eval_problems = load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit) if cfg.data.eval_path else []
+    eval_problems = (load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit)
+                     if cfg.data.eval_path else [])
     prompts = PromptSampler(train_problems, seed=cfg.train.seed)
     longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
 
@@ -753,7 +757,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
         wait_for_teacher(ref, cfg.teacher.startup_wait_s, "reference endpoint")
         ref.connect(tokenizer=tokenizer, vocab_size=vocab, max_seq_len=longest)
-    logger.info("teacher %s (%s, engine %s) ready; student %s on %s", cfg.teacher.url, info.model, info.engine, model_path, device)
+    logger.info("teacher %s (%s, engine %s) ready; student %s on %s",
+                cfg.teacher.url, info.model, info.engine, model_path, device)
 
     # ---- optimizer, and the resumed state
     optimizer = torch.optim.AdamW(

@@ -17,8 +17,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import codec
@@ -326,7 +326,8 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             metrics.tokens.inc(int(result.token_logprobs_N.size))
             metrics.request_sequences.observe(batch.num_sequences)
             out_media = _response_media_type(request, media)
-            payload = codec.encode_response_msgpack(result) if out_media == MSGPACK_MEDIA_TYPE else codec.encode_response_json(result)
+            encode = codec.encode_response_msgpack if out_media == MSGPACK_MEDIA_TYPE else codec.encode_response_json
+            payload = encode(result)
             return Response(payload, media_type=out_media)
 
     @app.post("/v1/generate", response_model=GenerateResponseJSON, responses={**_ERROR_RESPONSES, 501: {"model": ErrorEnvelope}})
@@ -341,14 +342,18 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first.get("loc", ()))
-                raise ProtocolError(f"invalid JSON request at '{where}': {first.get('msg')}", error_type="malformed_body") from None
+                raise ProtocolError(
+                    f"invalid JSON request at '{where}': {first.get('msg')}", error_type="malformed_body"
+                ) from None
             validate_generate(req, settings, eng.info)
             try:
                 completions = await eng.generate(req.prompts, req.n, req.max_new_tokens, req.temperature, req.top_p, req.seed)
             except NotImplementedError as exc:
                 raise ProtocolError(str(exc), error_type="not_implemented", status=501) from None
             return JSONResponse(
-                GenerateResponseJSON(protocol_version=PROTOCOL_VERSION, model=eng.info.model, completions=completions).model_dump()
+                GenerateResponseJSON(
+                    protocol_version=PROTOCOL_VERSION, model=eng.info.model, completions=completions
+                ).model_dump()
             )
 
     return app
@@ -386,4 +391,6 @@ def validate_generate(req: GenerateRequestJSON, settings: Settings, info) -> Non
                 error_type="sequence_too_long",
             )
         if min(p) < 0 or max(p) >= info.vocab_size:
-            raise ProtocolError(f"prompt {i}: token id outside the vocabulary [0, {info.vocab_size})", error_type="invalid_token_id")
+            raise ProtocolError(
+                f"prompt {i}: token id outside the vocabulary [0, {info.vocab_size})", error_type="invalid_token_id"
+            )

@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 
 from protocol import codec
 from protocol.schema import ScoreBatch
-from tests.helpers import assert_topk_match, float32_tol, model_terms
 from student_trainer.teacher_client import (
     AsyncTeacherClient,
     TeacherClient,
@@ -21,6 +20,7 @@ from student_trainer.teacher_client import (
     TeacherIncompatibleError,
     TeacherUnavailableError,
 )
+from tests.helpers import assert_topk_match, float32_tol, model_terms
 
 pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
 

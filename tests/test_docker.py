@@ -18,7 +18,8 @@ DOCKER = ROOT / "docker"
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    pairs = [line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")]
+    lines = (DOCKER / ".env.example").read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if "=" in line and not line.startswith("#")]
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -49,7 +50,7 @@ def test_services_and_their_runtime_settings(compose):
 
 
 def test_dockerfiles_exist_and_copy_existing_paths(compose):
-    for name, svc in compose["services"].items():
+    for svc in compose["services"].values():
         dockerfile = ROOT / svc["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
         text = dockerfile.read_text()
@@ -70,9 +71,9 @@ def test_teacher_command_parses_with_the_server_cli(compose):
 
 
 def test_trainer_command_and_example_config_parse(compose):
-    from student_trainer.config import load_config
-
     from torch.distributed.run import get_args_parser
+
+    from student_trainer.config import load_config
 
     entry = (DOCKER / "trainer.Dockerfile").read_text()
     launcher = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", entry, re.M).group(1))

@@ -6,7 +6,6 @@ checkpoint that loads as complete."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,8 @@ def student_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a} + {b} =", "answer": str(a + b)}) + "\n" for a in range(1, 7) for b in range(1, 4)))
+    rows = ({"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -80,7 +80,8 @@ def test_teacher_sigkilled_and_restarted_during_training(student_dir, tiny_model
     run_dir = tmp_path / "run"
     # slow rollouts down a little (more tokens) so the kill lands mid-run
     trainer = subprocess.Popen(trainer_cmd(student_dir, f"http://127.0.0.1:{port}", train_file, run_dir, 8,
-                                           "rollout.max_new_tokens=24"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                           "rollout.max_new_tokens=24"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_step(run_dir, 2, trainer)
         teacher.send_signal(signal.SIGKILL)
@@ -146,7 +147,9 @@ def test_interrupted_checkpoint_write_never_looks_complete(point, student_dir, t
     }
     if point == "marker":
         original = Path.write_text
-        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: boom() if self.name == "COMPLETE" else original(self, *a, **k))
+        monkeypatch.setattr(
+            Path, "write_text", lambda self, *a, **k: boom() if self.name == "COMPLETE" else original(self, *a, **k)
+        )
     else:
         obj, name = targets[point]
         monkeypatch.setattr(obj, name, boom)

@@ -56,7 +56,10 @@ def test_over_capacity_gets_429_with_retry_after_and_client_absorbs_it(tiny_mode
     body = codec.encode_request_msgpack(long)
     with LiveServer(app) as server:
         with cf.ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda _: httpx.post(server.url + "/v1/score", content=body, headers=MSGPACK, timeout=60), range(8)))
+            def post(_):
+                return httpx.post(server.url + "/v1/score", content=body, headers=MSGPACK, timeout=60)
+
+            responses = list(pool.map(post, range(8)))
         codes = sorted(r.status_code for r in responses)
         assert 200 in codes and 429 in codes, codes
         refused = next(r for r in responses if r.status_code == 429)

@@ -103,15 +103,18 @@ BAD_INPUTS = [
     ("token id >= vocab", dict(json=_json(sequences=[{"token_ids": [2, 10, 10**6], "score_from": 1}])), 400, "invalid_token_id"),
     ("negative token id", dict(json=_json(sequences=[{"token_ids": [2, -1, 3], "score_from": 1}])), 400, "invalid_token_id"),
     ("score_from = 0", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 0}])), 400, "invalid_score_from"),
-    ("score_from beyond int32", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 2**40}])), 400, "invalid_score_from"),
+    ("score_from beyond int32", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 2**40}])), 400,
+     "invalid_score_from"),
     ("score_from = len", dict(json=_json(sequences=[{"token_ids": [2, 10, 11], "score_from": 3}])), 400, "invalid_score_from"),
-    ("sequence longer than max", dict(json=_json(sequences=[{"token_ids": [5] * 600, "score_from": 1}])), 400, "sequence_too_long"),
+    ("sequence longer than max", dict(json=_json(sequences=[{"token_ids": [5] * 600, "score_from": 1}])), 400,
+     "sequence_too_long"),
     ("too many tokens", dict(json=_json(sequences=[{"token_ids": [5] * 500, "score_from": 1}] * 3000)), 413, "request_too_large"),
     ("malformed JSON", dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "malformed_body"),
     ("unknown field", dict(json={**_json(), "extra": 1}), 400, "malformed_body"),
     ("malformed msgpack", dict(content=b"\xc1\xff", headers={"content-type": MSGPACK_MEDIA_TYPE}), 400, "malformed_body"),
     ("wrong content type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
-    ("body over max_body_bytes", dict(content=b"x" * (65 << 20), headers={"content-type": "application/json"}), 413, "body_too_large"),
+    ("body over max_body_bytes", dict(content=b"x" * (65 << 20), headers={"content-type": "application/json"}), 413,
+     "body_too_large"),
 ]
 
 
@@ -135,7 +138,7 @@ def test_unknown_route_and_method_use_the_envelope(live_server):
 
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def test_concurrent_requests_equal_serial_and_share_forwards(live_server, tiny_model_dir):
@@ -154,7 +157,8 @@ def test_concurrent_requests_equal_serial_and_share_forwards(live_server, tiny_m
     for a, b in zip(serial, concurrent, strict=True):
         # Co-batched with other requests, a sequence gets different padding, so float32 sums are reordered.
         np.testing.assert_allclose(a.token_logprobs_N, b.token_logprobs_N, atol=tol(a.token_logprobs_N, tiny_model_dir), rtol=0)
-        assert_topk_match(b.topk_ids_NK, b.topk_logprobs_NK, a.topk_ids_NK, a.topk_logprobs_NK, tol(a.topk_logprobs_NK, tiny_model_dir))
+        t = tol(a.topk_logprobs_NK, tiny_model_dir)
+        assert_topk_match(b.topk_ids_NK, b.topk_logprobs_NK, a.topk_ids_NK, a.topk_logprobs_NK, t)
     if live_server.engine_name == "hf":
         forwards = _metric(live_server.url, "aopd_teacher_forward_requests_count") - forwards0
         served = _metric(live_server.url, "aopd_teacher_forward_requests_sum") - requests0

@@ -83,13 +83,14 @@ def test_each_mode_trains_and_logs_every_key(mode, student_dir, teacher_url, ref
 
 def test_loss_goes_down_on_a_fixed_batch(student_dir, teacher_url, data_files, tmp_path):
     """Repeated updates on one batch of rollouts (fixed teacher scores) must reduce the GKD divergence."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from student_trainer.data import load_problems
     from student_trainer.losses import LossConfig
+    from student_trainer.parallel import Policy
     from student_trainer.rollout import HFGenerator
     from student_trainer.teacher_client import TeacherClient
-    from student_trainer.parallel import Policy
     from student_trainer.train import StepBatch, micro_batch_losses
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = make_cfg(student_dir, teacher_url, data_files, tmp_path, "loss.mode=gkd")
     tok = AutoTokenizer.from_pretrained(str(student_dir))
@@ -257,7 +258,7 @@ def test_token_budget_micro_batches_give_the_same_update(student_dir, teacher_ur
     first = [d for d in dumps["count"] if d["step"] == 1], [d for d in dumps["budget"] if d["step"] == 1]
     assert [d["completion_ids"] for d in first[0]] == [d["completion_ids"] for d in first[1]]
     assert [d["mask"] for d in first[0]] == [d["mask"] for d in first[1]]
-    a, b = _weights(tmp_path / "count" / "checkpoints" / "step_000002"), _weights(tmp_path / "budget" / "checkpoints" / "step_000002")
+    a, b = (_weights(tmp_path / name / "checkpoints" / "step_000002") for name in ("count", "budget"))
     for k in a:
         # float32 sums in another order: a few ulps of each AdamW step (lr 1e-3 x 2 steps) on weights of ~0.1
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3 * 2 * 1e-3 + 1e-6, msg=k)

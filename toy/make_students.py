@@ -75,7 +75,8 @@ def main() -> None:
         sft_step(student, opt, sched, tok, rng.sample(pool, a.batch))
         if str(step) in a.probe_steps.split(","):
             student.eval()
-            print(f"probe: step {step} sampled accuracy {accuracy(student, tok, test_pairs[:100], temperature=1.0):.3f}", flush=True)
+            acc = accuracy(student, tok, test_pairs[:100], temperature=1.0)
+            print(f"probe: step {step} sampled accuracy {acc:.3f}", flush=True)
             student.train()
         if step in (a.weak_steps, a.strong_steps):
             name = "student_weak" if step == a.weak_steps else "student_strong"

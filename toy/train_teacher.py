@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from toy.task import build_tokenizer, prompt, sample_pairs, solution, is_held_out, LOW, HIGH
+from toy.task import HIGH, LOW, build_tokenizer, is_held_out, prompt, sample_pairs, solution
 
 
 def qwen3(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int, seed: int):
@@ -71,7 +71,12 @@ def accuracy(model, tokenizer, pairs, temperature: float = 0.0, max_new_tokens: 
 
 
 def cosine(warmup: int, total: int):
-    return lambda s: (s + 1) / warmup if s < warmup else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+
+    return f
 
 
 def main() -> None:

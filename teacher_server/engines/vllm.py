@@ -411,5 +411,7 @@ class VLLMEngine(ScoringEngine):
         try:
             per_prompt = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
         except EngineDeadError as exc:
-            raise ProtocolError("the vLLM engine has died; restart the teacher", error_type="engine_unavailable", status=503) from exc
+            raise ProtocolError(
+                "the vLLM engine has died; restart the teacher", error_type="engine_unavailable", status=503
+            ) from exc
         return [c for cs in per_prompt for c in cs]
