@@ -17,7 +17,7 @@ from student_trainer.config import ConfigError, load_config
 from student_trainer.tiny_models import build_tiny_model
 from student_trainer.train import train
 from teacher_server.app import create_app
-from tests.helpers import LiveServer, make_cfg, teacher_settings
+from tests.helpers import LiveServer, adam_weight_tol, make_cfg, teacher_settings
 
 pytestmark = pytest.mark.numeric  # compares floating-point results (see `make test-numeric`)
 
@@ -260,5 +260,7 @@ def test_token_budget_micro_batches_give_the_same_update(student_dir, teacher_ur
     assert [d["mask"] for d in first[0]] == [d["mask"] for d in first[1]]
     a, b = (_weights(tmp_path / name / "checkpoints" / "step_000002") for name in ("count", "budget"))
     for k in a:
-        # float32 sums in another order: a few ulps of each AdamW step (lr 1e-3 x 2 steps) on weights of ~0.1
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3 * 2 * 1e-3 + 1e-6, msg=k)
+        # gradients summed in another order; Adam amplifies that noise where a coordinate's gradients nearly
+        # cancel (tests/helpers.py's adam_weight_tol: lr 1e-3, 2 steps)
+        tol = adam_weight_tol(1e-3, 2, float(a[k].abs().max()))
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
