@@ -35,7 +35,9 @@ class Settings(BaseSettings):
         1024, ge=1, description="Rows of [rows, V] float32 logits materialised at once for log-softmax/top-k."
     )
     # vLLM engine options, passed through.
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM engine: GPUs the teacher is sharded over (the hf engine runs on one device)."
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enable_prefix_caching: bool = Field(False, description="vLLM prefix cache (prompt logprobs skip reading it).")
     api_key: SecretStr | None = Field(
@@ -51,6 +53,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # TEACHER_API_KEY="" (e.g. an unset compose variable) means no auth
+        if self.engine == "hf" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} with engine=hf: the transformers engine runs on one "
+                "device; use --engine vllm for a teacher sharded over several GPUs"
+            )
         if self.max_top_k > 4096:
             raise ValueError(f"max_top_k={self.max_top_k} is unreasonably large; use at most 4096")
         return self

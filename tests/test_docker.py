@@ -94,3 +94,14 @@ def test_empty_api_key_means_no_auth():
 
     assert Settings(model="m", api_key="").api_key is None
     assert Settings(model="m", api_key="k").api_key.get_secret_value() == "k"
+
+
+def test_hf_engine_refuses_tensor_parallelism():
+    import pytest
+    from pydantic import ValidationError
+
+    from teacher_server.settings import Settings
+
+    with pytest.raises(ValidationError, match="--engine vllm"):
+        Settings(model="m", engine="hf", tensor_parallel_size=2)
+    assert Settings(model="m", engine="vllm", tensor_parallel_size=2).tensor_parallel_size == 2
