@@ -83,9 +83,9 @@ class VLLMGenerator(Generator):
             if weights.ranks.main:
                 self.write_weights(weights.model, state)
             weights.ranks.barrier()
+            self.reload()
         else:
-            self.write_weights(weights.model)
-        self.reload()
+            self.load_weights(weights.model)
 
     def load_weights(self, model) -> None:
         """Push a (one-process) model's current weights into the running engine."""

@@ -29,8 +29,8 @@ from teacher_server.process import free_port
 from teacher_server.settings import Settings
 
 __all__ = [
-    "ENGINES", "F32_EPS", "BF16_EPS", "HAS_VLLM", "ULPS", "LiveServer", "adam_weight_tol", "assert_fp_close",
-    "assert_topk_match", "float32_tol", "fp_tol", "free_port", "logit_scale", "make_cfg", "model_terms",
+    "ENGINES", "F32_EPS", "HAS_VLLM", "ULPS", "LiveServer", "adam_weight_tol",
+    "assert_topk_match", "float32_tol", "fp_tol", "free_port", "make_cfg", "model_terms",
     "teacher_settings", "untied_NK",
 ]  # fmt: skip
 
@@ -39,7 +39,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 F32_EPS = torch.finfo(torch.float32).eps  # 2**-23 ~ 1.19e-7, the spacing of float32 numbers just above 1
-BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7 ~ 7.8e-3
 # Safety factor over the random-walk estimate. Measured on the tests' own computations the estimate is not
 # exceeded (worst: 0.6x for fused vs naive gradients, 0.3x for a padded vs single forward), so 4 leaves >= 6x.
 ULPS = 4.0
@@ -49,36 +48,6 @@ def fp_tol(magnitude, n: int = 1, *, eps: float = F32_EPS, ulps: float = ULPS):
     """Absolute tolerance for values computed from intermediates of size `magnitude` through sums of up to `n`
     terms: ulps * eps * magnitude * sqrt(n). `magnitude` may be an array (an elementwise tolerance)."""
     return ulps * eps * magnitude * math.sqrt(n)
-
-
-def assert_fp_close(actual, expected, *, scale=0.0, n: int = 1, eps: float = F32_EPS, msg: str = "") -> None:
-    """actual == expected to rounding: |actual - expected| <= fp_tol(scale + |expected|, n), elementwise.
-
-    `scale` is the size of the intermediates (the logits a log-probability comes from; scalar or broadcastable
-    per row), `|expected|` covers a value's own rounding. Infinities and NaNs must sit at the same places.
-    """
-    a = np.asarray(actual.detach().double().cpu() if torch.is_tensor(actual) else actual, dtype=np.float64)
-    e = np.asarray(expected.detach().double().cpu() if torch.is_tensor(expected) else expected, dtype=np.float64)
-    scale = np.asarray(scale.detach().double().cpu() if torch.is_tensor(scale) else scale, dtype=np.float64)
-    assert a.shape == e.shape, f"{msg}: shape {a.shape} != {e.shape}"
-    finite = np.isfinite(e)
-    assert np.array_equal(a[~finite], e[~finite], equal_nan=True), f"{msg}: non-finite values differ"
-    assert np.isfinite(a[finite]).all(), f"{msg}: non-finite values where finite ones are expected"
-    tol = np.broadcast_to(fp_tol(np.broadcast_to(scale, e.shape) + np.abs(e), n, eps=eps), e.shape)
-    err = np.abs(a - e)
-    bad = finite & (err > tol)
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(finite, err - tol, -np.inf)), e.shape)
-        raise AssertionError(
-            f"{msg}: {int(bad.sum())} of {e.size} elements differ beyond fp_tol(scale + |expected|, n={n}); "
-            f"worst at {tuple(int(x) for x in i)}: {a[i]!r} vs {e[i]!r}, |diff| {err[i]:.3g} > tol {tol[i]:.3g}"
-        )
-
-
-def logit_scale(model, sequences) -> float:
-    """max |logit| of `model` (a transformers causal LM) over `sequences`: the `scale` of its log-probabilities."""
-    with torch.no_grad():
-        return max(float(model(torch.as_tensor(np.asarray(s))[None]).logits.abs().max()) for s in sequences)
 
 
 def untied_NK(lps_NK: np.ndarray, tol, next_N: np.ndarray | None = None) -> np.ndarray:
