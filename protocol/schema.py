@@ -100,7 +100,9 @@ class GenerateResponseJSON(_Strict):
 class InfoResponse(_Strict):
     protocol_version: int
     model: str = Field(description="Model name (directory basename unless configured).")
-    engine: Literal["hf", "vllm"]
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        description="Scoring backend; 'openai' is what the client reports for a stock OpenAI-compatible server."
+    )
     vocab_size: int = Field(description="Rows of the teacher's output layer; valid ids are [0, vocab_size).")
     tokenizer_fingerprint: str = Field(description="sha256 of the token->id map and special tokens.")
     max_top_k: int
@@ -203,6 +205,9 @@ class ScoreResult:
     num_scored_B: np.ndarray  # int32 [B]
     model: str = ""
     protocol_version: int = PROTOCOL_VERSION
+    # The actual token's rank in the full vocabulary (1 = most likely; tokens with an equal logprob count, as in
+    # vLLM). Engines fill it for the peer routes (vLLM's `prompt_logprobs` carry it); `/v1/score` does not send it.
+    token_ranks_N: np.ndarray | None = None  # int64 [N]
 
     @property
     def top_k(self) -> int:

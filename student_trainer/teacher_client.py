@@ -6,6 +6,13 @@
         rows[0].token_logprobs, rows[0].topk_ids, rows[0].topk_logprobs  # numpy [n], [n, K], [n, K]
 
 `AsyncTeacherClient` has the same methods as coroutines. Requests use the binary encoding by default.
+
+Protocols: our `/v1/score` (`protocol="aopd"`), or any server of vLLM's OpenAI-compatible protocol, e.g. a stock
+`vllm serve` (`protocol="openai"`: scoring through `/v1/completions` with `prompt_logprobs`, read back into the
+same `ScoreResult`). `protocol="auto"` (the default) asks `/v1/info` and falls back to the OpenAI protocol where
+the server has no such route. Against an OpenAI server the handshake compares tokenisations through its
+`/tokenize` route (it has no fingerprint), and probes one scoring request at the wanted K, so a server started
+with too small a `--max-logprobs` or a smaller vocabulary is refused at connect with the fix named.
 Retries: only connection errors, 429, 502 and 503 are retried (bounded, exponential backoff, honouring
 Retry-After): those mean "the teacher is busy or restarting", and a scoring request is idempotent, so
 sending it again is safe. Every other failure surfaces at once with the server's own message.
@@ -23,9 +30,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 
 from protocol import codec
 from protocol.fingerprint import tokenizer_fingerprint
+from protocol.peer import PeerResponseError, read_prompt_logprobs
 from protocol.schema import (
     JSON_MEDIA_TYPE,
     MSGPACK_MEDIA_TYPE,
@@ -95,6 +104,12 @@ def _as_batch(sequences: Sequence[tuple[Any, int]] | ScoreBatch, top_k: int | No
     return ScoreBatch.from_sequences(list(sequences), top_k)
 
 
+def _tokenizer_probe(tokenizer: Any) -> str:
+    """Text whose tokenisation tells tokenizers apart: words, digits, whitespace, non-ASCII, and every special token."""
+    specials = " ".join(str(t) for t in getattr(tokenizer, "all_special_tokens", []))[:4000]
+    return f"The sum of 123 and 4567 is 4690.\n\tWait, let me redo: 12*34 = 408. Über naïve café, 東京 {specials}"
+
+
 class _Base:
     def __init__(
         self,
@@ -107,9 +122,14 @@ class _Base:
         max_backoff_s: float = 30.0,
         api_key: str | None = None,
         encoding: str = "msgpack",
+        protocol: str = "auto",
     ):
         if encoding not in ("msgpack", "json"):
             raise ValueError(f"encoding={encoding!r}: choose 'msgpack' (fast) or 'json' (debugging)")
+        if protocol not in ("auto", "aopd", "openai"):
+            raise ValueError(f"protocol={protocol!r}: choose 'auto', 'aopd' (our /v1/score) or 'openai' (/v1/completions)")
+        self.protocol = protocol
+        self.openai_model: str | None = None  # the model name an OpenAI server listed, sent with every request
         self.url = url.rstrip("/")
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.max_retries = max_retries
@@ -154,6 +174,13 @@ class _Base:
         )
         return req.model_dump_json().encode(), {**self.headers, "Content-Type": JSON_MEDIA_TYPE}
 
+    def _check_generates(self) -> None:
+        if self.protocol == "openai":
+            raise TeacherIncompatibleError(
+                f"teacher at {self.url} speaks the OpenAI protocol: seqkd's teacher-written completions need our "
+                "teacher's /v1/generate (python -m teacher_server)"
+            )
+
     def _decode(self, resp: httpx.Response, batch: ScoreBatch) -> ScoreResult:
         media = resp.headers.get("content-type", "").split(";")[0].strip()
         decode = codec.decode_response_msgpack if media == MSGPACK_MEDIA_TYPE else codec.decode_response_json
@@ -165,6 +192,112 @@ class _Base:
                 error_type="invalid_response",
             )
         return result
+
+    # -----------------------------------------------------------------------------------------------------
+    # the handshake (either protocol) and the OpenAI scoring path; the I/O is driven by each client class
+    # -----------------------------------------------------------------------------------------------------
+
+    def _handshake(self, checks: dict[str, Any]):
+        """Generator of the handshake's requests: yields `(method, path, json_body)`, receives the response (or the
+        request's `TeacherError` thrown in), returns the `InfoResponse`. One plan for the sync and async clients."""
+        if self.protocol != "openai":
+            try:
+                resp = yield ("GET", "/v1/info", None)
+            except TeacherError as exc:
+                if self.protocol != "auto" or exc.status != 404:
+                    raise
+                logger.info("teacher %s has no /v1/info: speaking the OpenAI protocol (/v1/completions)", self.url)
+            else:
+                info = InfoResponse.model_validate_json(resp.content)
+                self.protocol = "aopd"
+                self.check_compatible(info, **checks)
+                return info
+        models = (yield ("GET", "/v1/models", None)).json()
+        try:
+            card = models["data"][0]
+            name = str(card["id"])
+        except (KeyError, IndexError, TypeError):
+            raise TeacherIncompatibleError(f"teacher at {self.url}: /v1/models lists no model") from None
+        self.openai_model = name
+        tokenizer, vocab, top_k = checks.get("tokenizer"), checks.get("vocab_size"), checks.get("top_k")
+        fingerprint = "unchecked"
+        if tokenizer is not None:
+            probe = _tokenizer_probe(tokenizer)
+            try:
+                resp = yield ("POST", "/tokenize", {"model": name, "prompt": probe, "add_special_tokens": False})
+            except TeacherError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                raise TeacherIncompatibleError(
+                    f"teacher at {self.url} ({name}) has no /tokenize route, so the student's tokenizer cannot be "
+                    "compared with the teacher's; serve the teacher with `vllm serve` (which has /tokenize) or with "
+                    "`python -m teacher_server`"
+                ) from exc
+            theirs, mine = list(resp.json()["tokens"]), list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+            if theirs != mine:
+                at = next((i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), min(len(theirs), len(mine)))
+                raise TeacherIncompatibleError(
+                    f"tokenizer mismatch: the teacher at {self.url} ({name}) and the student tokenise a probe text "
+                    f"differently (first difference at token {at}: {theirs[at:at + 3]} vs {mine[at:at + 3]}); teacher "
+                    "and student must share one tokenizer"
+                )
+            fingerprint = tokenizer_fingerprint(tokenizer)
+            vocab = vocab or len(tokenizer)
+        # A scoring probe at the wanted K holding the student's highest token id: a server started with a smaller
+        # --max-logprobs, or with a smaller vocabulary, refuses it here rather than at the first step.
+        k = top_k or 1
+        ids = [0, 1] + ([int(vocab) - 1] if vocab else [])
+        try:
+            resp = yield ("POST", "/v1/completions", self._openai_request([ids], k))
+        except TeacherError as exc:
+            if exc.status not in (400, 422):
+                raise
+            raise TeacherIncompatibleError(
+                f"teacher at {self.url} ({name}) refused a scoring probe with prompt_logprobs={k} and token id "
+                f"{ids[-1]}: {exc}. If it is about logprobs, start `vllm serve` with --max-logprobs {k} (or more); if "
+                "it is about a token id, the teacher's vocabulary is smaller than the student's"
+            ) from exc
+        self._read_openai(resp, ScoreBatch.from_sequences([(ids, 1)], k), int(vocab) if vocab else None)
+        max_model_len = card.get("max_model_len")
+        info = InfoResponse(
+            protocol_version=PROTOCOL_VERSION, model=name, engine="openai", vocab_size=int(vocab or 0),
+            tokenizer_fingerprint=fingerprint, max_top_k=k, max_tokens_per_request=1 << 40,
+            max_sequences_per_request=1 << 40,
+            # vLLM counts the one generated token in max_model_len
+            max_seq_len=int(max_model_len) - 1 if max_model_len else 1 << 40, max_body_bytes=1 << 40,
+        )
+        self.check_compatible(info, max_seq_len=checks.get("max_seq_len"))
+        return info
+
+    def _openai_request(self, sequences: list[list[int]], k: int) -> dict[str, Any]:
+        # temperature 1: stock vLLM's prompt logprobs are log_softmax(logits) whatever it is (see the README)
+        return {"model": self.openai_model, "prompt": sequences, "max_tokens": 1, "temperature": 1.0,
+                "prompt_logprobs": k}
+
+    def _openai_body(self, batch: ScoreBatch) -> tuple[bytes, dict[str, str]]:
+        seqs = [batch.sequence(i).tolist() for i in range(batch.num_sequences)]
+        body = orjson.dumps(self._openai_request(seqs, batch.top_k))
+        return body, {**self.headers, "Content-Type": JSON_MEDIA_TYPE}
+
+    def _read_openai(self, resp: httpx.Response, batch: ScoreBatch, vocab_size: int | None) -> ScoreResult:
+        seqs = [batch.sequence(i) for i in range(batch.num_sequences)]
+        try:
+            rows = read_prompt_logprobs(resp.content, seqs, batch.score_from_B, batch.top_k)
+        except PeerResponseError as exc:
+            raise TeacherError(f"teacher at {self.url}: unreadable /v1/completions response: {exc}",
+                               error_type="invalid_response") from exc
+        if vocab_size is not None and rows.topk_ids_NK.size and int(rows.topk_ids_NK.max()) >= vocab_size:
+            raise TeacherIncompatibleError(
+                f"teacher at {self.url} returned token id {int(rows.topk_ids_NK.max())}, outside the student's "
+                f"vocabulary of {vocab_size}: the teacher's vocabulary is larger"
+            )
+        return ScoreResult(
+            token_logprobs_N=rows.token_logprobs_N, topk_ids_NK=rows.topk_ids_NK, topk_logprobs_NK=rows.topk_logprobs_NK,
+            num_scored_B=batch.num_scored_B, model=self.openai_model or "", token_ranks_N=rows.token_ranks_N,
+        )
+
+    def _vocab(self) -> int | None:
+        return self.server_info.vocab_size if self.server_info is not None and self.server_info.vocab_size else None
 
     def check_compatible(
         self,
@@ -251,13 +384,26 @@ class TeacherClient(_Base):
             return False
 
     def connect(self, **checks: Any) -> InfoResponse:
-        """Fetch /v1/info and check compatibility (see `check_compatible` for the keyword arguments)."""
-        info = self.info()
-        self.check_compatible(info, **checks)
-        self.server_info = info
-        return info
+        """The handshake (`/v1/info`, or an OpenAI server's routes) and the compatibility checks (see
+        `check_compatible` for the keyword arguments)."""
+        plan, resp, exc = self._handshake(checks), None, None
+        while True:
+            try:
+                method, path, body = plan.throw(exc) if exc is not None else plan.send(resp)
+            except StopIteration as done:
+                self.server_info = done.value
+                return done.value
+            resp, exc = None, None
+            try:
+                resp = self._request(method, path, headers=self.headers, **({} if body is None else {"json": body}))
+            except TeacherError as e:
+                exc = e
 
     def score_batch(self, batch: ScoreBatch) -> ScoreResult:
+        if self.protocol == "openai":
+            body, headers = self._openai_body(batch)
+            resp = self._request("POST", "/v1/completions", content=body, headers=headers)
+            return self._read_openai(resp, batch, self._vocab())
         body, headers = self._encode(batch)
         return self._decode(self._request("POST", "/v1/score", content=body, headers=headers), batch)
 
@@ -270,6 +416,7 @@ class TeacherClient(_Base):
         top_p: float = 1.0, seed: int | None = None,
     ) -> list[list[int]]:
         """Teacher-written completions, prompt-major (n per prompt): SeqKD's training data."""
+        self._check_generates()
         body, headers = self._generate_body(prompts, n, max_new_tokens, temperature, top_p, seed)
         resp = self._request("POST", "/v1/generate", content=body, headers=headers)
         return GenerateResponseJSON.model_validate_json(resp.content).completions
@@ -315,12 +462,24 @@ class AsyncTeacherClient(_Base):
             return False
 
     async def connect(self, **checks: Any) -> InfoResponse:
-        info = await self.info()
-        self.check_compatible(info, **checks)
-        self.server_info = info
-        return info
+        plan, resp, exc = self._handshake(checks), None, None
+        while True:
+            try:
+                method, path, body = plan.throw(exc) if exc is not None else plan.send(resp)
+            except StopIteration as done:
+                self.server_info = done.value
+                return done.value
+            resp, exc = None, None
+            try:
+                resp = await self._request(method, path, headers=self.headers, **({} if body is None else {"json": body}))
+            except TeacherError as e:
+                exc = e
 
     async def score_batch(self, batch: ScoreBatch) -> ScoreResult:
+        if self.protocol == "openai":
+            body, headers = self._openai_body(batch)
+            resp = await self._request("POST", "/v1/completions", content=body, headers=headers)
+            return self._read_openai(resp, batch, self._vocab())
         body, headers = self._encode(batch)
         return self._decode(await self._request("POST", "/v1/score", content=body, headers=headers), batch)
 
@@ -333,6 +492,7 @@ class AsyncTeacherClient(_Base):
         self, prompts: Sequence[Sequence[int]], n: int = 1, *, max_new_tokens: int, temperature: float = 1.0,
         top_p: float = 1.0, seed: int | None = None,
     ) -> list[list[int]]:
+        self._check_generates()
         body, headers = self._generate_body(prompts, n, max_new_tokens, temperature, top_p, seed)
         resp = await self._request("POST", "/v1/generate", content=body, headers=headers)
         return GenerateResponseJSON.model_validate_json(resp.content).completions

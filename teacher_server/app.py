@@ -38,6 +38,7 @@ from protocol.schema import (
 )
 from teacher_server.engines import ScoringEngine, build_engine
 from teacher_server.metrics import Metrics
+from teacher_server.peer_routes import add_peer_routes
 from teacher_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -356,6 +357,7 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
                 ).model_dump()
             )
 
+    add_peer_routes(app, settings, served, ready_engine, _read_body, validate_batch)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from protocol.schema import ScoreBatch, ScoreResult
 
@@ -31,6 +32,7 @@ class ScoringEngine(abc.ABC):
 
     info: EngineInfo
     observe_forward: ForwardObserver | None = None
+    tokenizer: Any = None  # the teacher's tokenizer, once started (text prompts and decoded tokens of the peer routes)
 
     @abc.abstractmethod
     async def start(self) -> None: ...

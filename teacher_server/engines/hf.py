@@ -173,7 +173,7 @@ class HFEngine(ScoringEngine):
         starts = np.concatenate([b.score_from_B for b in batches])
         k_max = max(b.top_k for b in batches)
         request_B = np.repeat(np.arange(len(batches)), [b.num_sequences for b in batches])
-        lp_N, ids_NK, lps_NK, num_scored = self.score_sequences(seqs, starts, k_max, request_B)
+        lp_N, ids_NK, lps_NK, num_scored, rank_N = self.score_sequences(seqs, starts, k_max, request_B)
         out, row, seq = [], 0, 0
         for b in batches:
             n_b = int(num_scored[seq : seq + b.num_sequences].sum())
@@ -184,6 +184,7 @@ class HFEngine(ScoringEngine):
                     topk_logprobs_NK=np.ascontiguousarray(lps_NK[row : row + n_b, : b.top_k]),
                     num_scored_B=num_scored[seq : seq + b.num_sequences],
                     model=self.info.model,
+                    token_ranks_N=rank_N[row : row + n_b],
                 )
             )
             row, seq = row + n_b, seq + b.num_sequences
@@ -192,7 +193,7 @@ class HFEngine(ScoringEngine):
     @torch.inference_mode()
     def score_sequences(
         self, seqs: list[np.ndarray], starts_B: np.ndarray, k: int, request_B: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Score sequences (in input order) in as few padded forwards as the token budget allows.
 
         `request_B` says which request each sequence came from (only for the forward metrics).
@@ -204,6 +205,7 @@ class HFEngine(ScoringEngine):
         lp_N = np.empty(n, np.float32)
         ids_NK = np.empty((n, k), np.int32)
         lps_NK = np.empty((n, k), np.float32)
+        rank_N = np.empty(n, np.int64)
 
         order = np.argsort(-lengths, kind="stable")  # longest first: groups of similar length, little padding
         budget = self.settings.max_tokens_per_batch
@@ -218,18 +220,18 @@ class HFEngine(ScoringEngine):
             groups.append(group)
 
         for g in groups:
-            lp, ids, lps = self._forward_group([seqs[i] for i in g], starts_B[g], k)
+            lp, ids, lps, rank = self._forward_group([seqs[i] for i in g], starts_B[g], k)
             counts = num_scored[g]
             dst = np.concatenate([np.arange(row_off[i], row_off[i] + c) for i, c in zip(g, counts, strict=True)])
-            lp_N[dst], ids_NK[dst], lps_NK[dst] = lp, ids, lps
+            lp_N[dst], ids_NK[dst], lps_NK[dst], rank_N[dst] = lp, ids, lps, rank
             if self.observe_forward is not None:
                 n_req = 1 if request_B is None else int(np.unique(request_B[g]).size)
                 self.observe_forward(n_req, len(g), int(lengths[g].sum()))
-        return lp_N, ids_NK, lps_NK, num_scored
+        return lp_N, ids_NK, lps_NK, num_scored, rank_N
 
     def _forward_group(
         self, seqs: list[np.ndarray], starts_b: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One padded forward; returns rows for every scored position, sequence by sequence."""
         lengths_b = np.array([s.size for s in seqs], dtype=np.int64)
         b, L = len(seqs), int(lengths_b.max())
@@ -263,12 +265,14 @@ class HFEngine(ScoringEngine):
 
     def logprobs_topk(
         self, hidden_ND: torch.Tensor, target_N: torch.Tensor, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chunked output layer: actual-token logprob and top-k, with at most `chunk` rows of [*, V] logits."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Chunked output layer, with at most `chunk` rows of [*, V] logits: actual-token logprob, top-k, and the
+        actual token's rank (tokens whose logit is >= its own, counting itself: vLLM's definition)."""
         n, chunk = hidden_ND.shape[0], self.settings.logits_chunk_size
         lp_N = torch.empty(n, dtype=torch.float32)
         ids_NK = torch.empty((n, k), dtype=torch.int32)
         lps_NK = torch.empty((n, k), dtype=torch.float32)
+        rank_N = torch.empty(n, dtype=torch.int64)
         lowest = torch.finfo(torch.float32).min
         for a in range(0, n, chunk):
             logits = self._logits_fp32(hidden_ND[a : a + chunk])
@@ -276,7 +280,9 @@ class HFEngine(ScoringEngine):
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             top = torch.topk(logits, k, dim=-1, sorted=True)
-            lp_N[a : a + chunk] = (logits.gather(1, target_N[a : a + chunk, None]) - lse).squeeze(1).clamp_min(lowest).cpu()
+            target_logit = logits.gather(1, target_N[a : a + chunk, None])
+            lp_N[a : a + chunk] = (target_logit - lse).squeeze(1).clamp_min(lowest).cpu()
+            rank_N[a : a + chunk] = (logits >= target_logit).sum(dim=-1).cpu()
             ids_NK[a : a + chunk] = top.indices.to(torch.int32).cpu()
             lps_NK[a : a + chunk] = (top.values - lse).clamp_min(lowest).cpu()
-        return lp_N.numpy(), ids_NK.numpy(), lps_NK.numpy()
+        return lp_N.numpy(), ids_NK.numpy(), lps_NK.numpy(), rank_N.numpy()

@@ -228,6 +228,7 @@ class VLLMEngine(ScoringEngine):
         self._loop = asyncio.get_running_loop()
         mc = self._llm.model_config
         self._eos = tokenizer.eos_token_id
+        self.tokenizer = tokenizer
         self.info = EngineInfo(
             model=s.model_name or os.path.basename(os.path.normpath(s.model)),
             engine="vllm",
@@ -320,9 +321,11 @@ class VLLMEngine(ScoringEngine):
             )
         if len(chunks) == 1:
             ids_RC, lps_RC = chunks[0].logprob_token_ids.numpy(), chunks[0].logprobs.numpy()
+            ranks_R = chunks[0].selected_token_ranks.numpy()
         else:  # several emissions (not seen in 0.32, where the worker emits once per prompt): rows in order
             ids_RC = torch.cat([c.logprob_token_ids for c in chunks]).numpy()
             lps_RC = torch.cat([c.logprobs for c in chunks]).numpy()
+            ranks_R = torch.cat([c.selected_token_ranks for c in chunks]).numpy()
         length, k = token_ids_L.size, params.prompt_logprobs
         if ids_RC.shape != (length - 1, k + 1):
             raise RuntimeError(
@@ -334,9 +337,10 @@ class VLLMEngine(ScoringEngine):
         if not np.array_equal(ids_RC[src, 0], token_ids_L[start:]):
             # Column 0 must be the actual next token: a cheap check that vLLM's rows line up with ours.
             raise RuntimeError("vLLM's prompt-logprob rows do not line up with the sequence's tokens")
-        lp_N, ids_NK, lps_NK = out
+        lp_N, ids_NK, lps_NK, rank_N = out
         dst = slice(row, row + length - start)
         lp_N[dst] = lps_RC[src, 0]
+        rank_N[dst] = ranks_R[src]
         ids_NK[dst] = ids_RC[src, 1:]
         lps_NK[dst] = lps_RC[src, 1:]
 
@@ -350,7 +354,7 @@ class VLLMEngine(ScoringEngine):
         num_scored_B = batch.num_scored_B
         row_B1 = np.concatenate([[0], np.cumsum(num_scored_B, dtype=np.int64)])
         n = int(row_B1[-1])
-        out = (np.empty(n, np.float32), np.empty((n, k), np.int32), np.empty((n, k), np.float32))
+        out = (np.empty(n, np.float32), np.empty((n, k), np.int32), np.empty((n, k), np.float32), np.empty(n, np.int64))
         off = batch.offsets_B1
         ids_T = batch.token_ids_T
         # One vLLM request per sequence, all in flight together; each writes its rows as soon as it is done. If
@@ -370,13 +374,13 @@ class VLLMEngine(ScoringEngine):
                     "the vLLM engine has died; restart the teacher", error_type="engine_unavailable", status=503
                 ) from exc
             raise
-        lp_N, ids_NK, lps_NK = out
+        lp_N, ids_NK, lps_NK, rank_N = out
         lowest = np.finfo(np.float32).min  # as the hf engine: -inf (fully masked logit) becomes the lowest float
         np.maximum(lp_N, lowest, out=lp_N)
         np.maximum(lps_NK, lowest, out=lps_NK)
         return ScoreResult(
             token_logprobs_N=lp_N, topk_ids_NK=ids_NK, topk_logprobs_NK=lps_NK, num_scored_B=num_scored_B,
-            model=self.info.model,
+            model=self.info.model, token_ranks_N=rank_N,
         )
 
     # ------------------------------------------------------------------------------------------------------
