@@ -82,6 +82,10 @@ class TeacherSection(_Section):
         "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory.",
     )
     top_k: int = Field(32, ge=1, description="K: teacher top-k per position.")
+    protocol: Literal["auto", "aopd", "openai"] = Field(
+        "auto", description="aopd: our teacher's /v1/score; openai: any vLLM-compatible server (e.g. a stock `vllm "
+        "serve`), scored through /v1/completions with prompt_logprobs; auto: aopd where /v1/info exists, else openai."
+    )
     encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="Wire encoding of scoring requests: msgpack (binary arrays, fast) or json (debugging)."
     )

@@ -105,9 +105,12 @@ def _as_batch(sequences: Sequence[tuple[Any, int]] | ScoreBatch, top_k: int | No
 
 
 def _tokenizer_probe(tokenizer: Any) -> str:
-    """Text whose tokenisation tells tokenizers apart: words, digits, whitespace, non-ASCII, and every special token."""
+    """Text whose tokenisation tells tokenizers apart: words, digits, whitespace, non-ASCII, every special token,
+    and 256 tokens spread over the student's whole vocabulary (a teacher without them splits them otherwise)."""
     specials = " ".join(str(t) for t in getattr(tokenizer, "all_special_tokens", []))[:4000]
-    return f"The sum of 123 and 4567 is 4690.\n\tWait, let me redo: 12*34 = 408. Über naïve café, 東京 {specials}"
+    spread = np.linspace(0, len(tokenizer) - 1, 256).astype(np.int64).tolist()
+    sample = tokenizer.decode(spread, skip_special_tokens=True)
+    return f"The sum of 123 and 4567 is 4690.\n\tWait, let me redo: 12*34 = 408. Über naïve café, 東京 {specials} {sample}"
 
 
 class _Base:
@@ -207,6 +210,7 @@ class _Base:
                 if self.protocol != "auto" or exc.status != 404:
                     raise
                 logger.info("teacher %s has no /v1/info: speaking the OpenAI protocol (/v1/completions)", self.url)
+                self.protocol = "openai"
             else:
                 info = InfoResponse.model_validate_json(resp.content)
                 self.protocol = "aopd"

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -35,20 +36,47 @@ def serve_in_subprocess(
 ) -> Iterator[TeacherProcess]:
     port = free_port() if port is None else port
     cmd = [sys.executable, "-m", "teacher_server", "--model", model_dir, "--port", str(port), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd)
+    with _server_process(cmd, port, start_timeout_s) as teacher:
+        yield teacher
+
+
+@contextlib.contextmanager
+def stock_vllm_in_subprocess(
+    model_dir: str, port: int | None = None, *extra: str, start_timeout_s: float = 600
+) -> Iterator[TeacherProcess]:
+    """A stock `vllm serve` (vLLM's own OpenAI-compatible server, none of our code) on 127.0.0.1: the peer
+    teacher of the tests and `bench/peer_servers.py`. On CPU its KV cache gets 1 GiB unless the caller set
+    VLLM_CPU_KVCACHE_SPACE.
+
+    Started as `python -m vllm.entrypoints.openai.api_server`, the same server `vllm serve` runs: the `vllm` CLI
+    reads its own version from the distribution named "vllm", and the CPU build is distributed as "vllm-cpu"."""
+    port = free_port() if port is None else port
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+           "--port", str(port), "--uvicorn-log-level", "warning", "--disable-log-stats", *extra]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with _server_process(cmd, port, start_timeout_s, env=env) as teacher:
+        yield teacher
+
+
+@contextlib.contextmanager
+def _server_process(
+    cmd: list[str], port: int, start_timeout_s: float, env: dict[str, str] | None = None
+) -> Iterator[TeacherProcess]:
+    """Start `cmd`, wait until /health answers 200, yield; terminate it (then kill) on the way out."""
+    proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"teacher server exited with status {proc.returncode}: {' '.join(cmd)}")
+                raise RuntimeError(f"server exited with status {proc.returncode}: {' '.join(cmd)}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"teacher server did not become healthy within {start_timeout_s:.0f}s")
+                raise RuntimeError(f"server did not become healthy within {start_timeout_s:.0f}s: {' '.join(cmd)}")
             time.sleep(0.3)
         yield TeacherProcess(url, proc.pid)
     finally:
