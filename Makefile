@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# vLLM's CPU build pulls torchvision/torchaudio/torchcodec wheels that break the CPU torch; nothing needs them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	for v in $(TRL_PEERS); do $(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/peers/trl-$$v "trl==$$v" || exit 1; done
+	# TRL's ServerDistillationTrainer also needs accelerate (its other dependencies are in the environment already).
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/peers/trl-1.16.0 "accelerate==1.15.0"
 	$(PY) -c "import torch, transformers, vllm, fastapi; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 

@@ -8,9 +8,15 @@ teacher.startup_wait_s, or incompatible) exits with status 3. `--help` lists eve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from student_trainer.config import ConfigError, describe_config, load_config
+# Before torch starts CUDA: a training step's tensors change size every step (rollout lengths vary), and the
+# caching allocator's fixed segments fragment; expandable segments grow in place. vLLM's sleep-mode allocator
+# turns them off around its own pool, so the rollout engine is unaffected. A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from student_trainer.config import ConfigError, describe_config, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,6 +251,26 @@ def full_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer) -> di
     return get_optimizer_state_dict(policy, optimizer, options=_FULL)
 
 
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate Adam(W)'s state now, exactly as its first step would (step 0, zero moments, like each parameter,
+    sharded like it): on a GPU it is 8 bytes per float32 parameter, and it must exist before the rollout engine
+    sizes its share of the memory, not appear after step 1 when the engine wakes up into it. Updates are
+    bit-identical to the lazy initialisation (tests/test_memory.py)."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"init_optimizer_state knows Adam and AdamW, not {type(optimizer).__name__}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            on_device = group.get("capturable") or group.get("fused")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else None)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def load_optimizer_state(policy: Policy, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Inverse of `full_optimizer_state` on any number of ranks (each rank keeps its shard of the full state).
     Also reads the index-keyed `optimizer.state_dict()` of checkpoints written before name-keyed states."""

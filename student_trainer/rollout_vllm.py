@@ -17,6 +17,7 @@ Only this module (on the trainer side) imports vllm.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from student_trainer.rollout import Generator, Rollout
 
 if TYPE_CHECKING:
     from student_trainer.parallel import StudentWeights
+
+logger = logging.getLogger(__name__)
 
 
 class VLLMGenerator(Generator):
@@ -44,9 +47,11 @@ class VLLMGenerator(Generator):
         remove_weights_dir: bool | None = None,
         gpu: int | None = None,
         sleep: bool = True,
+        weights_bytes: int | None = None,
     ):
         """`weights_dir`: where the new weights are written and reloaded from (default: `new_weights_dir()`).
-        `remove_weights_dir`: whether `close` removes it (default: when it was created here). `gpu`: index among
+        `remove_weights_dir`: whether `close` removes it (default: when it was created here). `weights_bytes`: the
+        size of one copy of the weights in the engine's dtype (chooses /dev/shm or disk). `gpu`: index among
         the visible GPUs to run the engine on (one engine per trainer
         rank under torchrun); None: vLLM's default, the first."""
         import torch
@@ -70,7 +75,7 @@ class VLLMGenerator(Generator):
             self.llm = LLM(**kwargs)
         self.eos = tokenizer.eos_token_id
         self.remove_weights_dir = weights_dir is None if remove_weights_dir is None else remove_weights_dir
-        self.weights_dir = weights_dir or new_weights_dir()
+        self.weights_dir = weights_dir or new_weights_dir(weights_bytes)
 
     def before_update(self) -> None:
         self.sleep()
@@ -158,10 +163,33 @@ class VLLMGenerator(Generator):
             shutil.rmtree(self.weights_dir, ignore_errors=True)
 
 
-def new_weights_dir() -> str:
-    """A fresh directory for handing weights to the engine: in /dev/shm (memory, not disk) when it exists."""
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    return tempfile.mkdtemp(prefix="aopd-student-weights-", dir=shm)
+# Room /dev/shm must have beyond one copy of the weights (safetensors headers, the engine's reads meanwhile).
+SHM_HEADROOM = 1.25
+
+
+def new_weights_dir(weights_bytes: int | None = None, shm: str = "/dev/shm") -> str:
+    """A fresh directory for handing weights to the engine: in /dev/shm (memory, not disk) when it exists and has
+    room for `weights_bytes` (with headroom), else in the local temp dir. A container's /dev/shm is 64 MB unless
+    raised (`--shm-size`, compose `shm_size`): an 8B student's 16 GB would fail there with ENOSPC mid-run."""
+    where = shm if os.path.isdir(shm) else None
+    if where is not None and weights_bytes is not None:
+        free = shutil.disk_usage(where).free
+        if free < SHM_HEADROOM * weights_bytes:
+            logger.warning(
+                "%s has %.2f GiB free; the student's weights need %.2f GiB: handing them to the rollout engine "
+                "through %s instead (slower; raise the container's --shm-size to use memory)",
+                where, free / 2**30, weights_bytes / 2**30, tempfile.gettempdir(),
+            )
+            where = None
+    return tempfile.mkdtemp(prefix="aopd-student-weights-", dir=where)
+
+
+def weights_nbytes(model, dtype) -> int:
+    """Bytes of `model`'s weights in `dtype` (global sizes, also for sharded parameters)."""
+    import torch
+
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
 
 
 # torchrun's variables: an engine started inside a trainer rank must not take itself for a member of that group
@@ -169,14 +197,23 @@ _TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 
 
+# vLLM picks some code paths by what it finds at start: on CUDA the V2 model runner (when Triton sees a GPU
+# driver) and forking its workers (also from a thread that runs other work). Pin the paths this project tested:
+# the V1 runner and spawned workers (a user's own setting wins). The teacher's engine pins the same.
+VLLM_PINNED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
 @contextlib.contextmanager
 def standalone_engine_env(gpu: int | None):
-    """While vLLM starts its engine process (which inherits this environment): hide torchrun's variables and,
-    when `gpu` is given, make only that GPU visible (mapped through an existing CUDA_VISIBLE_DEVICES)."""
-    saved = {k: os.environ.get(k) for k in (*_TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES")}
+    """While vLLM starts its engine process (which inherits this environment): hide torchrun's variables, pin
+    `VLLM_PINNED_ENV`, and, when `gpu` is given, make only that GPU visible (mapped through an existing
+    CUDA_VISIBLE_DEVICES)."""
+    saved = {k: os.environ.get(k) for k in (*_TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES", *VLLM_PINNED_ENV)}
     try:
         for k in _TORCHRUN_ENV:
             os.environ.pop(k, None)
+        for k, v in VLLM_PINNED_ENV.items():
+            os.environ.setdefault(k, v)
         if gpu is not None:
             import torch
 

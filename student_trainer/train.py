@@ -53,6 +53,7 @@ from student_trainer.parallel import (
     close_ranks,
     full_optimizer_state,
     grad_norm_value,
+    init_optimizer_state,
     init_ranks,
     load_optimizer_state,
     local_chunks,
@@ -766,7 +767,9 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step = 0
-    if ckpt is not None:
+    if ckpt is None:
+        init_optimizer_state(optimizer)  # before the rollout engine takes its share of the GPU (resume loads it)
+    else:
         state = load_trainer_state(ckpt)
         load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -777,16 +780,19 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
 
     # ---- the sampler
     if cfg.rollout.engine == "vllm":
-        from student_trainer.rollout_vllm import VLLMGenerator, new_weights_dir
+        from student_trainer.rollout_vllm import VLLMGenerator, new_weights_dir, weights_nbytes
 
         # one engine per rank, on the rank's GPU; under torchrun rank 0 writes each update once, to a directory
-        # (in /dev/shm) that every rank's engine reloads from
-        shared_dir = ranks.broadcast(new_weights_dir() if ranks.main else None) if sharded else None
+        # (in /dev/shm when it has room) that every rank's engine reloads from
+        engine_dtype = (getattr(torch, cfg.model.dtype) if cfg.model.dtype != "auto"
+                        else torch.bfloat16 if device.type == "cuda" else torch.float32)
+        nbytes = weights_nbytes(policy, engine_dtype)
+        shared_dir = ranks.broadcast(new_weights_dir(nbytes) if ranks.main else None) if sharded else None
         generator: Generator = VLLMGenerator(
             model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
             weights_dir=shared_dir, remove_weights_dir=ranks.main, sleep=cfg.rollout.vllm_sleep,
-            gpu=device.index if device.type == "cuda" else None,
+            gpu=device.index if device.type == "cuda" else None, weights_bytes=nbytes,
         )
     else:
         generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)

@@ -30,7 +30,7 @@ from teacher_server.settings import Settings
 
 __all__ = [
     "ENGINES", "F32_EPS", "HAS_VLLM", "ULPS", "LiveServer", "adam_weight_tol",
-    "assert_topk_match", "float32_tol", "fp_tol", "free_port", "make_cfg", "model_terms",
+    "assert_topk_match", "cfg_overrides", "float32_tol", "fp_tol", "free_port", "make_cfg", "model_terms",
     "teacher_settings", "untied_NK",
 ]  # fmt: skip
 
@@ -155,11 +155,16 @@ def make_cfg(student_dir, teacher_url, data_files, run_dir, *overrides):
     micro-batches of 3, 2 steps at lr 1e-3, eval at step 0 and 2."""
     from student_trainer.config import load_config
 
-    return load_config(None, [
+    return load_config(None, cfg_overrides(student_dir, teacher_url, data_files, run_dir, *overrides))
+
+
+def cfg_overrides(student_dir, teacher_url, data_files, run_dir, *overrides) -> list[str]:
+    """`make_cfg`'s config as the dotted overrides `python -m student_trainer` takes."""
+    return [
         f"model.path={student_dir}", f"teacher.url={teacher_url}", "teacher.top_k=8",
         f"data.train_path={data_files[0]}", f"data.eval_path={data_files[1]}", "data.apply_chat_template=false",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
         "rollout.stream_chunk_prompts=2", "optim.lr=1e-3", "optim.micro_batch_size=3",
         f"train.run_dir={run_dir}", "train.steps=2", "train.eval_every=2", "train.eval_n=2", "train.eval_ks=[1,2]",
         "train.progress=false", "train.hist_every=1", "train.dump_rollouts_every=2", *overrides,
-    ])
+    ]

@@ -23,7 +23,7 @@ import pytest
 from protocol.peer import PeerResponseError, PromptLogprobRows, TokenTables, prompt_logprobs_json, read_prompt_logprobs
 from protocol.schema import ScoreBatch
 from student_trainer.teacher_client import TeacherClient
-from tests.helpers import HAS_VLLM, assert_topk_match, float32_tol, make_cfg, model_terms
+from tests.helpers import HAS_VLLM, assert_topk_match, cfg_overrides, float32_tol, model_terms
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / ".venv" / "peers"
@@ -203,6 +203,56 @@ def test_trl_1_10_client_over_get_sequence_logprobs(live_server, binary):
     if not binary:  # the JSON format sends every entry of vLLM's dict: the actual token too where it is not top-K
         flat = [len(r) for seq in out["logprobs"] for r in seq if r]
         assert set(flat) <= {K, K + 1} and K + 1 in flat
+
+
+TRL_TRAINER_SCRIPT = r"""
+import json, sys
+import trl.import_utils as iu
+iu.is_vllm_available = lambda *a, **k: False
+import trl.generation.vllm_client as vc
+vc.is_vllm_available = lambda *a, **k: True
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
+url, student, out = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(student)
+model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+data = Dataset.from_list([{"prompt": f"{a} + {b} ="} for a in range(1, 5) for b in range(1, 3)])
+args = ServerDistillationConfig(
+    output_dir=out, teacher_model_server_url=url, max_steps=1, per_device_train_batch_size=4, max_completion_length=8,
+    loss_top_k=4, beta=0.0, use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-3)
+trainer = ServerDistillationTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+result = trainer.train()
+changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters())
+print(json.dumps({"loss": result.training_loss, "changed": changed, "total": len(before)}))
+"""
+
+
+@pytest.mark.slow
+def test_trl_server_distillation_trainer_takes_a_step_against_our_teacher(tiny_model_dir, tmp_path):
+    """TRL 1.16's own `ServerDistillationTrainer` (transformers generation on CPU, its top-K forward KL loss),
+    with `teacher_model_server_url` at our server: one optimizer step, every parameter moved, and the teacher
+    logprobs came through our /v1/completions."""
+    from student_trainer.tiny_models import build_tiny_model
+    from teacher_server.app import create_app
+    from tests.helpers import LiveServer, teacher_settings
+
+    student = build_tiny_model(tmp_path / "student", hidden_size=64, num_layers=1, num_heads=1, intermediate_size=128,
+                               seed=3, tokenizer_dir=tiny_model_dir)
+    with LiveServer(create_app(teacher_settings(tiny_model_dir, "hf"))) as server:
+        env = {**os.environ, "PYTHONPATH": str(PEERS / "trl-1.16.0"), "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-c", TRL_TRAINER_SCRIPT, server.url, str(student), str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = httpx.get(server.url + "/metrics").text
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert np.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["changed"] == out["total"]
+    served = [line for line in metrics.splitlines() if line.startswith("aopd_teacher_requests_total")
+              and 'route="/v1/completions"' in line and 'status="200"' in line]
+    assert served and float(served[0].split()[-1]) >= 1, metrics[:2000]
 
 
 def test_openai_client_completions_create(live_server):
@@ -462,18 +512,18 @@ def student_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @stock
 @pytest.mark.numeric
 def test_trainer_with_stock_vllm_serve_as_teacher(stock_vllm, live_server, student_dir, tmp_path):
-    """`python -m student_trainer`'s loop with teacher.url at a stock vLLM server: it trains, and the advantages
-    it computed from that teacher's logprobs equal the ones from our server for the same rollouts."""
-    from student_trainer.train import train
-
+    """`python -m student_trainer` with teacher.url at a stock vLLM server: it trains, and the advantages it
+    computed from that teacher's logprobs equal the ones from our server for the same rollouts."""
     rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4)]
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dumps = {}
     for name, url in (("stock", stock_vllm.url), ("ours", live_server.url)):
-        cfg = make_cfg(student_dir, url, (data, data), tmp_path / name, "train.steps=1", "train.eval_every=0",
-                       "train.dump_rollouts_every=1", "loss.mode=aopd")
-        train(cfg)
+        overrides = cfg_overrides(student_dir, url, (data, data), tmp_path / name, "train.steps=1", "train.eval_every=0",
+                                  "train.dump_rollouts_every=1", "loss.mode=aopd")
+        proc = subprocess.run([sys.executable, "-m", "student_trainer", *overrides], capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert any("optim/grad_norm" in m and np.isfinite(m["loss/total"]) for m in metrics)
         dumps[name] = [json.loads(x) for x in next((tmp_path / name).glob("rollouts*")).read_text().splitlines()]

@@ -68,6 +68,7 @@ ALLOW_UNTESTED_ENV = "AOPD_VLLM_ALLOW_UNTESTED_VERSION"
 # SamplingParams.extra_args key that marks a request whose prompt logprobs stay raw tensors.
 RAW_PROMPT_LOGPROBS_KEY = "aopd_raw_prompt_logprobs"
 _RAW_ATTR = "_aopd_raw_prompt_logprobs"
+VLLM_PINNED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 # On CPU vLLM reserves KV-cache RAM as a fraction of the machine (its default fails); use this many GiB.
 CPU_KVCACHE_GIB = "1"
 
@@ -195,6 +196,11 @@ def engine_args(settings: Settings, *, skip_tokenizer_init: bool = True):
         enable_prefix_caching=s.enable_prefix_caching,
         disable_log_stats=True,  # the server has its own /metrics
     )
+    # The code paths this engine was tested on: vLLM's V1 model runner (on CUDA it would pick V2 when Triton sees
+    # a driver; the hook's row layout was checked on V1) and spawned workers (the engine is built from a worker
+    # thread, where forking is unsafe). The user's own settings win.
+    for key, value in VLLM_PINNED_ENV.items():
+        os.environ.setdefault(key, value)
     if on_cpu:
         # gpu_memory_utilization would mean a fraction of all RAM here; the env var wins if the user set it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
