@@ -105,7 +105,7 @@ class Plan:
     loss_n: int
     loss_dims: tuple[int, ...]
     loss_v: int
-    loss_chunks: tuple[int, ...]  # fused chunk sizes: LossConfig's default, and a larger one for a GPU
+    loss_chunks: tuple[int, ...]  # fused chunk sizes: DEFAULT_CHUNK_SIZE on CPU and on a GPU
     loss_warmup: int
     loss_repeats: int
     teacher_name: str
@@ -129,7 +129,7 @@ class Plan:
 
 
 GPU = Plan(
-    mode="gpu", device="cuda", loss_n=16_384, loss_dims=(2560, 4096), loss_v=151_936, loss_chunks=(128, 1024),
+    mode="gpu", device="cuda", loss_n=16_384, loss_dims=(2560, 4096), loss_v=151_936, loss_chunks=(128, 2048),
     loss_warmup=1, loss_repeats=3, teacher_name="Qwen3-8B", teacher=QWEN3_8B, score_sequences=16,
     score_seq_len=2048, score_repeats=3, student_name="Qwen3-1.7B", student=QWEN3_1_7B, prompts=32, samples=4,
     new_tokens=256, chunk_prompts=16, train_extra=(),

@@ -85,7 +85,7 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from student_trainer.losses import LossConfig, fused_token_losses, token_losses
+    from student_trainer.losses import LossConfig, fused_token_losses, resolve_chunk_size, token_losses
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -161,7 +161,7 @@ def run_child(args: argparse.Namespace) -> dict:
         "loss": loss_value,
         "grad_norm_hidden": grad_norms[0],
         "grad_norm_weight": grad_norms[1],
-        "chunk_size": cfg.chunk_size,
+        "chunk_size": resolve_chunk_size(cfg.chunk_size, device),
         "threads": torch.get_num_threads(),
     }
 

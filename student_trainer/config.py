@@ -55,8 +55,8 @@ class LossSection(_Section):
     reduction: Literal["token", "sequence"] = Field(
         "token", description="token: mean over all completion tokens of the step; sequence: mean of per-sequence means."
     )
-    chunk_size: int = Field(128, ge=1, description="Positions per chunk of the fused lm_head + loss (the [chunk, V] "
-                            "logits are its largest temporaries; larger is faster on a GPU).")
+    chunk_size: int | None = Field(None, ge=1, description="Positions per chunk of the fused lm_head + loss (the "
+                                   "[chunk, V] logits are its largest temporaries); None: 128 on CPU, 2048 on a GPU.")
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -158,6 +158,10 @@ class OptimSection(_Section):
         None, description="Recompute each decoder layer's activations in backward instead of keeping them (one "
         "layer's activations plus each layer's input instead of all of them; the gradients are the same, the "
         "update ~1.3x slower). None: on with a GPU, off on CPU.",
+    )
+    memory_check: bool = Field(
+        True, description="On a GPU, refuse at start a run that cannot fit in its memory by python -m "
+        "student_trainer.estimate's arithmetic (naming the knob to change); false: start anyway.",
     )
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward; gradients accumulate over "
                                   "the step's micro-batches (the step's update does not depend on it).")

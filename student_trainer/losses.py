@@ -61,6 +61,16 @@ _ADV_QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Positions per chunk of the fused lm_head + loss when the config leaves it open. On a CPU small chunks keep the
+# [chunk, V] temporaries in cache (128 measured fastest in bench/loss_memory.py); a GPU needs thousands of rows
+# per matmul to be busy (2,048 x 151,936 float32 logits is 1.2 GB, against the 80-141 GB it has).
+DEFAULT_CHUNK_SIZE = {"cpu": 128, "cuda": 2048}
+
+
+def resolve_chunk_size(chunk_size: int | None, device: torch.device) -> int:
+    return chunk_size or DEFAULT_CHUNK_SIZE.get(device.type, DEFAULT_CHUNK_SIZE["cpu"])
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Which per-token loss to compute, and its knobs. Validated on construction."""
@@ -92,7 +102,7 @@ class LossConfig:
     full-vocabulary log-probabilities, D = sum_{v in S} p~T(v) (log p~T(v) - lp_S(v)), which pushes every token
     outside S down by its own p_S(v). `teacher` is defined for beta = 0 only."""
 
-    chunk_size: int = 128
+    chunk_size: int | None = None  # None: DEFAULT_CHUNK_SIZE for the hidden states' device type
     """Positions per chunk in `fused_token_losses`: the [C, V] float32 logits of one chunk are the largest
     temporaries (two in forward, one in backward; 74 MiB each at C = 128, V = 151936). Each chunk also reads and
     writes the [V, D] lm_head gradient once, so on a GPU, where memory is less tight, a larger chunk (e.g. 1024)
@@ -132,7 +142,9 @@ class LossConfig:
             raise ValueError(f"zero_eps={self.zero_eps} must be >= 0 (it is a tolerance on |A|)")
         if self.is_cap <= 0:
             raise ValueError(f"is_cap={self.is_cap} must be > 0 (a cap on the importance weight; TIS uses 2.0)")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0
+        ):
             raise ValueError(
                 f"chunk_size={self.chunk_size!r} must be a positive integer (positions per chunk of the fused "
                 "lm_head, e.g. 128)"
@@ -295,7 +307,8 @@ def fused_token_losses(
             "states to the lm_head dtype, as the model's own forward does"
         )
     support_valid_NK, support_ids_NK = _support(teacher_topk_ids_NK, teacher_topk_logprobs_NK)
-    stats = fused_logit_stats(hidden_ND, lm_head_weight_VD, sampled_ids_N.long(), support_ids_NK, cfg.chunk_size)
+    chunk = resolve_chunk_size(cfg.chunk_size, hidden_ND.device)
+    stats = fused_logit_stats(hidden_ND, lm_head_weight_VD, sampled_ids_N.long(), support_ids_NK, chunk)
     return _losses_from_stats(
         stats, teacher_token_logprobs_N, teacher_topk_logprobs_NK, support_valid_NK, cfg,
         ref_token_logprobs_N, correct_N, behaviour_logprobs_N,

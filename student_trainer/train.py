@@ -43,8 +43,9 @@ from protocol.schema import ScoreBatch, SequenceResult
 from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from student_trainer.config import ConfigError, RunConfig, dump_config
 from student_trainer.data import Problem, PromptSampler, load_problems
+from student_trainer.estimate import check_fits
 from student_trainer.evaluate import eval_metrics, evaluate, is_correct
-from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses
+from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses, resolve_chunk_size
 from student_trainer.parallel import (
     Policy,
     Ranks,
@@ -362,7 +363,8 @@ def micro_batch_losses(policy: Policy, mb: StepBatch, cfg: RunConfig, device) ->
 
 def _nll_head(cfg: RunConfig):
     def head(hidden_ND, weight_VD, sampled_N):  # -log p_S(teacher token), via the same chunked lm_head
-        stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None], cfg.loss.chunk_size)
+        stats = fused_logit_stats(hidden_ND, weight_VD, sampled_N, sampled_N[:, None],
+                                  resolve_chunk_size(cfg.loss.chunk_size, hidden_ND.device))
         return stats.lse_N - stats.sampled_logit_N
 
     return head
@@ -707,6 +709,21 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # ---- data (before the model: its longest prompt sizes the memory check)
+    problem_kw = dict(
+        prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
+        apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
+    )
+    train_problems = load_problems(cfg.data.train_path, tokenizer, **problem_kw)
+    eval_problems = (load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit)
+                     if cfg.data.eval_path else [])
+    prompts = PromptSampler(train_problems, seed=cfg.train.seed)
+    longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
+
+    if device.type == "cuda" and cfg.optim.memory_check:
+        est = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, ranks.world,
+                         longest - cfg.rollout.max_new_tokens)
+        logger.info("memory estimate: peak %.1f GiB per GPU of %.0f GiB", est.peak / 2**30, est.gpu_bytes / 2**30)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if mixed else dtype)
     # eval mode throughout: lp_S, the advantage and the mask must come from the policy itself, not a
     # dropout-perturbed one (gradients flow the same in eval mode)
@@ -729,17 +746,6 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         )
     else:
         model.to(device)
-
-    # ---- data
-    problem_kw = dict(
-        prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
-        apply_chat_template=cfg.data.apply_chat_template, system_prompt=cfg.data.system_prompt,
-    )
-    train_problems = load_problems(cfg.data.train_path, tokenizer, **problem_kw)
-    eval_problems = (load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit)
-                     if cfg.data.eval_path else [])
-    prompts = PromptSampler(train_problems, seed=cfg.train.seed)
-    longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
 
     # ---- the teacher (and exopd's reference endpoint): reachable and compatible, or refused now
     client_kw = dict(

@@ -65,3 +65,64 @@ def test_weights_nbytes_counts_in_the_engines_dtype():
     model = torch.nn.Linear(10, 3)  # 33 parameters
     assert rollout_vllm.weights_nbytes(model, torch.bfloat16) == 66
     assert rollout_vllm.weights_nbytes(model, torch.float32) == 132
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the memory estimate (python -m student_trainer.estimate)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def saved_activation_elements(model, tokens: int) -> float:
+    """Elements autograd saves for backward in a forward of `tokens` tokens, parameters left out (deduplicated by
+    storage: views of one tensor count once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 300, (1, tokens)), use_cache=False)
+    return float(sum(seen.values()))
+
+
+@pytest.mark.parametrize(("hidden", "inter", "heads", "kv_heads"), [(128, 256, 2, 1), (256, 704, 4, 2)])
+def test_estimate_counts_parameters_exactly_and_activations_as_measured(tmp_path, hidden, inter, heads, kv_heads):
+    from transformers import AutoModelForCausalLM
+
+    from student_trainer.estimate import ModelShape
+    from student_trainer.tiny_models import build_tiny_model
+
+    tokens, saved = 384, {}
+    for layers in (1, 3):
+        d = build_tiny_model(tmp_path / f"m{layers}", hidden_size=hidden, num_layers=layers, num_heads=heads,
+                             num_kv_heads=kv_heads, intermediate_size=inter)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        shape = ModelShape.from_dir(d)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        saved[layers] = saved_activation_elements(model, tokens)
+    per_layer_per_token = (saved[3] - saved[1]) / 2 / tokens  # what one more decoder layer keeps for backward
+    assert per_layer_per_token == pytest.approx(shape.layer_saved_elements, rel=0.02)
+
+
+def test_estimate_refuses_what_cannot_fit_and_names_the_knob(tmp_path):
+    from student_trainer.config import ConfigError, load_config
+    from student_trainer.estimate import GIB, KNOWN_SHAPES, check_fits, estimate
+    from student_trainer.tiny_models import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "m")
+    cfg = load_config(None, [f"model.path={d}", "teacher.url=http://x", f"data.train_path={d}",
+                             "rollout.max_new_tokens=8192", "optim.micro_batch_size=4", "optim.activation_checkpointing=false"])
+    est = estimate(cfg, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"])
+    assert not est.fits
+    assert any("activation_checkpointing=true" in a for a in est.advice)
+    # the shipped example: one 141 GB GPU (H200) fits a Qwen3-4B student at 8K new tokens; one 80 GB GPU does not
+    example = load_config("docker/run.example.yaml", [])
+    assert estimate(example, 141 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
+    assert not estimate(example, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
+    assert estimate(example, 80 * GIB, 2, 512, KNOWN_SHAPES["qwen3-4b"]).fits
+    with pytest.raises(ConfigError, match="does not fit"):
+        check_fits(cfg, 1.5 * GIB, 1, 512)  # less than the fixed CUDA overhead
