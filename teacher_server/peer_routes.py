@@ -195,6 +195,13 @@ def add_peer_routes(
         if media != JSON_MEDIA_TYPE:
             raise ProtocolError(f"Content-Type must be {JSON_MEDIA_TYPE}", error_type="unsupported_media_type", status=415)
 
+    async def parse_json(request: Request, eng: ScoringEngine, model: type[BaseModel]) -> Any:
+        """The JSON body under the body limit, parsed into `model`; its `model` name, if any, must be ours."""
+        require_json(request)
+        req = _parse(model, await read_body(request, settings.max_body_bytes))
+        check_model(eng, getattr(req, "model", None))
+        return req
+
     async def score_all(eng: ScoringEngine, seqs: list[np.ndarray], score_from: np.ndarray, k: int) -> ScoreResult:
         batch = ScoreBatch.from_sequences(list(zip(seqs, score_from.tolist(), strict=True)), max(k, 1))
         validate_batch(batch, settings, eng.info)
@@ -221,9 +228,7 @@ def add_peer_routes(
     async def tokenize(request: Request) -> Response:
         async with served(request, "/tokenize"):
             eng = ready_engine(request)
-            require_json(request)
-            req = _parse(TokenizeRequest, await read_body(request, settings.max_body_bytes))
-            check_model(eng, req.model)
+            req = await parse_json(request, eng, TokenizeRequest)
             if eng.tokenizer is None:
                 raise ProtocolError("this engine has no tokenizer", error_type="not_implemented", status=501)
             ids = eng.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
@@ -235,9 +240,7 @@ def add_peer_routes(
     async def completions(request: Request) -> Response:
         async with served(request, "/v1/completions"):
             eng = ready_engine(request)
-            require_json(request)
-            req = _parse(CompletionRequest, await read_body(request, settings.max_body_bytes))
-            check_model(eng, req.model)
+            req = await parse_json(request, eng, CompletionRequest)
             _refuse_unsupported(req)
             k = int(req.prompt_logprobs)
             _check_k(k, settings, eng.info.vocab_size, "prompt_logprobs")
@@ -293,8 +296,7 @@ def add_peer_routes(
     async def get_sequence_logprobs(request: Request) -> Response:
         async with served(request, "/get_sequence_logprobs/"):
             eng = ready_engine(request)
-            require_json(request)
-            req = _parse(SequenceLogprobsRequest, await read_body(request, settings.max_body_bytes))
+            req = await parse_json(request, eng, SequenceLogprobsRequest)
             k = req.top_logprobs
             _check_k(k, settings, eng.info.vocab_size, "top_logprobs")
             if k == 0:
