@@ -67,6 +67,7 @@ class VLLMGenerator(Generator):
         )
         self.sleep_enabled = on_gpu and sleep
         self.asleep = False
+        self.wake_bytes = 0  # GPU memory the engine released when it last went to sleep
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_enabled
@@ -105,6 +106,14 @@ class VLLMGenerator(Generator):
             # the engine allocates in its own process: hand back what this process's caching allocator holds
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info()
+            if free < self.wake_bytes:
+                raise RuntimeError(
+                    f"the rollout engine cannot wake up: it needs the {self.wake_bytes / 2**30:.1f} GiB it released when "
+                    f"it went to sleep, and {free / 2**30:.1f} GiB of the GPU are free while the trainer holds its state "
+                    "(python -m student_trainer.estimate shows the budget). Lower rollout.vllm_gpu_memory_utilization, "
+                    "or the trainer's share: optim.micro_batch_tokens, more GPUs"
+                )
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         if self.asleep:
@@ -122,9 +131,15 @@ class VLLMGenerator(Generator):
         model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=sd)
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) until the next reload; no-op on CPU."""
+        """Free the engine's GPU memory (weights and KV cache) until the next reload; no-op on CPU. What it frees
+        is measured, so that waking up can check it is free again (see `reload`)."""
         if self.sleep_enabled and not self.asleep:
+            import torch
+
+            before, _ = torch.cuda.mem_get_info()
             self.llm.sleep(level=2)
+            after, _ = torch.cuda.mem_get_info()
+            self.wake_bytes = max(0, after - before)
             self.asleep = True
 
     def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:

@@ -126,3 +126,40 @@ def test_estimate_refuses_what_cannot_fit_and_names_the_knob(tmp_path):
     assert estimate(example, 80 * GIB, 2, 512, KNOWN_SHAPES["qwen3-4b"]).fits
     with pytest.raises(ConfigError, match="does not fit"):
         check_fits(cfg, 1.5 * GIB, 1, 512)  # less than the fixed CUDA overhead
+
+
+def test_waking_the_rollout_engine_checks_its_memory_is_free(monkeypatch):
+    """The CUDA path of VLLMGenerator's sleep/wake, with the CUDA calls and the engine faked: the engine must get
+    back what it released, or the trainer stops with the budget's knobs instead of an allocator crash."""
+    gib = 2**30
+    free = {"bytes": 10 * gib}
+    calls = []
+
+    class FakeLLM:
+        def sleep(self, level):
+            calls.append(("sleep", level))
+            free["bytes"] += 30 * gib  # weights and KV cache released
+
+        def wake_up(self, tags):
+            calls.append(("wake", tuple(tags)))
+            free["bytes"] -= (10 if tags == ["weights"] else 20) * gib  # taken back
+
+        def collective_rpc(self, name, kwargs):
+            calls.append((name,))
+
+        def reset_prefix_cache(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    gen = object.__new__(rollout_vllm.VLLMGenerator)
+    gen.llm, gen.sleep_enabled, gen.asleep, gen.wake_bytes, gen.weights_dir = FakeLLM(), True, False, 0, "/unused"
+    gen.sleep()
+    assert gen.asleep and gen.wake_bytes == 30 * gib
+    gen.reload()  # all of it is free again: wakes
+    assert not gen.asleep and ("wake", ("weights",)) in calls and ("wake", ("kv_cache",)) in calls
+    gen.sleep()
+    free["bytes"] -= 25 * gib  # the update's activations took most of it and the allocator could not return it
+    with pytest.raises(RuntimeError, match="vllm_gpu_memory_utilization"):
+        gen.reload()
