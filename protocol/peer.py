@@ -68,6 +68,15 @@ def vllm_entries(
     return ids_NC[valid_NC], lps_NC[valid_NC], ranks_NC[valid_NC], row_NC[valid_NC]
 
 
+def _row_edges(row_E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For entries grouped by row (`row_E` non-decreasing): which entry opens its row, which closes it."""
+    first_E = np.ones(row_E.size, bool)
+    first_E[1:] = row_E[1:] != row_E[:-1]
+    last_E = np.ones(row_E.size, bool)
+    last_E[:-1] = first_E[1:]
+    return first_E, last_E
+
+
 def _numbers(values: np.ndarray) -> list[bytes]:
     """Each number's JSON text (shortest round-trip form), in one C call."""
     if values.size == 0:
@@ -112,10 +121,7 @@ def prompt_logprobs_json(
     """
     ids_E, lps_E, ranks_E, row_E = vllm_entries(target_N, rows, k)
     e = ids_E.size
-    first_E = np.ones(e, bool)
-    first_E[1:] = row_E[1:] != row_E[:-1]
-    last_E = np.ones(e, bool)
-    last_E[:-1] = first_E[1:]
+    first_E, last_E = _row_edges(row_E)
     pieces = np.empty((e, 8), dtype=object)
     pieces[:, 0] = np.array([b",", b",{"], dtype=object)[first_E.view(np.int8)]
     pieces[:, 1] = tables.key[ids_E]
@@ -259,10 +265,7 @@ def trl_json_response(
     order = np.lexsort((ranks_E, row_E))
     ids_E, lps_E, row_E = ids_E[order], lps_E[order], row_E[order]
     e = ids_E.size
-    first_E = np.ones(e, bool)
-    first_E[1:] = row_E[1:] != row_E[:-1]
-    last_E = np.ones(e, bool)
-    last_E[:-1] = first_E[1:]
+    first_E, last_E = _row_edges(row_E)
     seps = np.array([b",", b",["], dtype=object)[first_E.view(np.int8)]
     ends = np.array([b"", b"]"], dtype=object)[last_E.view(np.int8)]
     lp_parts = np.empty((e, 3), dtype=object)
