@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from student_trainer.config import ConfigError, RunConfig, load_config
+from student_trainer.losses import DEFAULT_CHUNK_SIZE
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FIT_FRACTION = 0.92  # of the GPU's memory: headroom for fragmentation
-DEFAULT_CHUNK_GPU = 2048  # losses.DEFAULT_CHUNK_SIZE["cuda"] (not imported: this module must not need torch)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def estimate(
     seq = prompt_tokens + cfg.rollout.max_new_tokens
     mb_tokens = cfg.optim.micro_batch_tokens or cfg.optim.micro_batch_size * seq
     mb_tokens = max(mb_tokens, seq)  # a micro-batch holds at least one sequence
-    chunk = cfg.loss.chunk_size or DEFAULT_CHUNK_GPU
+    chunk = cfg.loss.chunk_size or DEFAULT_CHUNK_SIZE["cuda"]
 
     weights = Line("weights (sharded)", p * master / w, f"{p / 1e9:.2f}B params x {master} B / {w} GPU(s)")
     adam = Line("Adam moments (sharded)", 2 * p * master / w, f"2 x {master} B per param / {w}")
