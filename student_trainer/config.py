@@ -30,7 +30,8 @@ class LossSection(_Section):
         "same where p_T(y) - p_S(y) > tau, a forward KL toward the teacher's top-k distribution elsewhere. aopd_add: "
         "policy gradient everywhere plus that KL where masked. gkd: the KL everywhere. aopd_zero: KL where |A| <= "
         "zero_eps. aopd_acc: KL where A <= 0 and the answer is wrong. exopd: extrapolated advantage lam * (lp_T - "
-        "lp_R) - (lp_S - lp_R) (needs teacher.ref_url). seqkd: supervised on the teacher's own samples.",
+        "lp_R) - (lp_S - lp_R) (needs teacher.ref_url, or model.lora: R is the base). seqkd: supervised on the "
+        "teacher's own samples.",
     )
     tau: float = Field(
         0.0, description="AOPD threshold on p_T(y) - p_S(y), in [-1, 1]: intervene where it is <= tau. 0 = at zero and "
@@ -65,10 +66,48 @@ class LossSection(_Section):
         )
 
 
+# Qwen3's (and Llama's, Mistral's, Qwen2's) linear layers: every projection of attention and MLP, the placement
+# that matches full fine-tuning best at a given rank (Schulman et al., "LoRA Without Regret", 2025; tinker's default).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# vLLM 0.32's max_lora_rank choices (vllm/config/lora.py MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraSection(_Section):
+    """LoRA adapters (peft): the base weights stay frozen, only the adapters train (student_trainer/lora.py)."""
+
+    rank: int = Field(32, ge=1, description="LoRA rank r of every adapted layer (with rollout.engine=vllm: one of "
+                      f"vLLM's {list(VLLM_LORA_RANKS)}).")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank (32 with rank 32: "
+                         "scale 1; a fixed alpha keeps the best lr roughly independent of the rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input, during the update's forward "
+                           "only (the advantage then comes from a perturbed policy; 0, the default, keeps it exact).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS), description="Names of the linear layers to adapt (peft's "
+        "target_modules: a module whose name ends with one of them). Not lm_head or the embeddings: the fused loss "
+        "reads lm_head's weight directly, so it stays frozen.",
+    )
+
+    @model_validator(mode="after")
+    def _frozen_head(self) -> LoraSection:
+        bad = [m for m in self.target_modules if m.split(".")[-1] in ("lm_head", "embed_tokens", "wte")]
+        if bad:
+            raise ValueError(f"model.lora.target_modules {bad}: lm_head and the embeddings stay frozen (the fused loss "
+                             "reads lm_head's weight directly); adapt the attention and MLP projections")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name the layers to adapt, e.g. q_proj, v_proj")
+        return self
+
+
 class ModelSection(_Section):
     path: str = Field(description="Student model directory (Hugging Face format, with its tokenizer).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1' or 'auto'.")
+    lora: LoraSection | None = Field(
+        None, description="Train LoRA adapters instead of all weights (e.g. model.lora.rank=64; model.lora={} for the "
+        "defaults). The frozen base stays in model.dtype; adapters and their optimizer state are float32; "
+        "checkpoints hold the adapter in peft's format (python -m student_trainer.export merges it). null: full weights.",
+    )
 
 
 class TeacherSection(_Section):
@@ -79,7 +118,8 @@ class TeacherSection(_Section):
     ref_url: str | None = Field(
         None,
         description="exopd only: a second scoring endpoint serving the student's initial weights (python -m "
-        "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory.",
+        "teacher_server --model <student init>), so no extra copy of the student sits in trainer memory. With "
+        "model.lora it is optional: the reference is the base model, scored in the trainer with the adapters off.",
     )
     top_k: int = Field(32, ge=1, description="K: teacher top-k per position.")
     protocol: Literal["auto", "aopd", "openai"] = Field(
@@ -216,11 +256,14 @@ class RunConfig(_Section):
             raise ValueError("teacher.url is required: the teacher endpoint that scores (or, for seqkd, writes) rollouts")
         if self.loss.mode != "seqkd":
             self.loss.loss_config()  # LossConfig's own validation, with its messages
-        if self.loss.mode == "exopd" and self.teacher.ref_url is None:
+        if self.loss.mode == "exopd" and self.teacher.ref_url is None and self.model.lora is None:
             raise ValueError(
                 "loss.mode=exopd needs reference logprobs: serve the student's initial weights as a second endpoint "
                 f"(python -m teacher_server --model {self.model.path} --port 8001) and set teacher.ref_url"
             )
+        if self.model.lora is not None and self.rollout.engine == "vllm" and self.model.lora.rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"model.lora.rank={self.model.lora.rank}: vLLM serves LoRA ranks {list(VLLM_LORA_RANKS)} only; "
+                             "pick one of them (or rollout.engine=hf)")
         if self.loss.mode == "aopd_acc" and self.data.answer_field is None:
             raise ValueError("loss.mode=aopd_acc needs answers to verify: set data.answer_field")
         if self.train.eval_every and self.data.eval_path is None:
@@ -248,7 +291,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an optional section left null (model.lora: null)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[parts[-1]] = _parse_value(value)

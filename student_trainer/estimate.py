@@ -78,6 +78,14 @@ class ModelShape:
     def params(self) -> int:
         return self.layers * self.layer_params + self.root_params
 
+    def lora_params(self, rank: int, targets: list[str]) -> int:
+        """LoRA adapter parameters of the whole model: rank x (in + out) per adapted projection and layer (names
+        outside Qwen3's projections count 0)."""
+        d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+        return self.layers * sum(rank * sum(dims[t]) for t in set(targets) if t in dims)
+
     @property
     def layer_saved_elements(self) -> int:
         """Elements per token one layer's backward reads (its saved tensors), counted on transformers 5.19's
@@ -156,15 +164,24 @@ def estimate(
     mb_tokens = max(mb_tokens, seq)  # a micro-batch holds at least one sequence
     chunk = cfg.loss.chunk_size or DEFAULT_CHUNK_SIZE["cuda"]
 
-    weights = Line("weights (sharded)", p * master / w, f"{p / 1e9:.2f}B params x {master} B / {w} GPU(s)")
-    adam = Line("Adam moments (sharded)", 2 * p * master / w, f"2 x {master} B per param / {w}")
-    grads = Line("gradients (sharded)", p * master / w, f"{master} B per param / {w}")
+    lora = cfg.model.lora
+    if lora is None:
+        weights = Line("weights (sharded)", p * master / w, f"{p / 1e9:.2f}B params x {master} B / {w} GPU(s)")
+        adam = Line("Adam moments (sharded)", 2 * p * master / w, f"2 x {master} B per param / {w}")
+        grads = Line("gradients (sharded)", p * master / w, f"{master} B per param / {w}")
+    else:  # frozen base in the compute dtype; float32 adapters with their gradients and Adam moments
+        a = shape.lora_params(lora.rank, lora.target_modules)
+        weights = Line("weights (sharded)", (p * compute + a * 4) / w,
+                       f"{p / 1e9:.2f}B frozen x {compute} B + {a / 1e6:.1f}M LoRA x 4 B / {w} GPU(s)")
+        adam = Line("Adam moments (sharded)", 2 * a * 4 / w, f"2 x 4 B per LoRA param / {w}")
+        grads = Line("gradients (sharded)", a * 4 / w, f"4 B per LoRA param / {w}")
     gathered = Line("unsharded compute copies", (2 * shape.layer_params + shape.root_params) * compute,
                     "two layers (one prefetched) + embedding and output layer")
     acts = Line("activations, one micro-batch", activation_bytes(shape, mb_tokens, ckpt, compute),
                 f"{mb_tokens} tokens, checkpointing {'on' if ckpt else 'off'}")
-    loss = Line("fused loss temporaries", 3 * chunk * shape.vocab * 4 + shape.root_params * 4,
-                f"3 x [{chunk}, {shape.vocab}] float32 + the output layer's float32 gradient")
+    head_grad = shape.root_params * 4 if lora is None else 0  # LoRA: lm_head is frozen
+    loss = Line("fused loss temporaries", 3 * chunk * shape.vocab * 4 + head_grad,
+                f"3 x [{chunk}, {shape.vocab}] float32" + (" + the output layer's float32 gradient" if head_grad else ""))
     overhead = Line("CUDA context, workspaces", OVERHEAD_BYTES, "fixed")
     if cfg.rollout.engine == "vllm":
         engine = Line("rollout engine (vLLM)", cfg.rollout.vllm_gpu_memory_utilization * gpu_bytes,

@@ -293,14 +293,24 @@ class StudentWeights:
     policy: Policy
     ranks: Ranks
     sharded: bool  # FSDP2: each rank holds 1/N of the parameters
+    peft: Any = None  # model.lora: peft's wrapper around `model`; the trained weights are only its adapters
 
     @property
     def model(self) -> nn.Module:
         """The Hugging Face module (its config and names; its weights are shards when `sharded`)."""
         return self.policy.model
 
+    @property
+    def lora(self) -> bool:
+        return self.peft is not None
+
     def full_state(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (collective when sharded); None in one process, where `model` has them."""
+        """Full weights on rank 0 (collective when sharded); None in one process, where `model` has them.
+        LoRA: the adapter's weights only, under peft's names (also in one process)."""
+        if self.lora:
+            from student_trainer.lora import adapter_state
+
+            return adapter_state(self.policy, self.ranks.main)
         return full_model_state(self.policy) if self.sharded else None
 
     def copy_into(self, replica: nn.Module) -> None:
@@ -311,8 +321,11 @@ class StudentWeights:
 @torch.no_grad()
 def copy_weights(policy: Policy, replica: nn.Module) -> None:
     """Make `replica` (a full, unsharded copy for generation) equal to the sharded policy. Collective: one
-    all-gather per parameter, so at most one full parameter is in flight besides the replica."""
+    all-gather per parameter, so at most one full parameter is in flight besides the replica. Frozen parameters
+    (a LoRA base) never change and are not copied."""
     for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            continue
         full = p.full_tensor() if isinstance(p, DTensor) else p
         replica.get_parameter(param_name(name)).copy_(full)
 

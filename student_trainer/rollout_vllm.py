@@ -11,6 +11,12 @@ mode, so this part has not run here.) The sampled tokens' log-probabilities come
 (`logprobs_mode="raw_logprobs"`: the policy itself, before temperature/top-p), so the trainer can apply the
 stale-policy / engine-mismatch importance correction (`loss.importance_correction`).
 
+LoRA students (`lora_rank`): the engine serves the frozen base with LoRA enabled and never reloads it; each
+update writes only the adapter (peft's format, megabytes) and the engine takes it as a new LoRA request
+(`add_lora` with a fresh id, the previous one removed), which every following `generate` uses. Sleep mode is
+then level 1 (weights offloaded to host memory and restored on wake, KV cache freed), since the base must
+survive the sleep; not exercised on CPU either.
+
 Only this module (on the trainer side) imports vllm.
 """
 
@@ -48,12 +54,14 @@ class VLLMGenerator(Generator):
         gpu: int | None = None,
         sleep: bool = True,
         weights_bytes: int | None = None,
+        lora_rank: int | None = None,
     ):
         """`weights_dir`: where the new weights are written and reloaded from (default: `new_weights_dir()`).
         `remove_weights_dir`: whether `close` removes it (default: when it was created here). `weights_bytes`: the
         size of one copy of the weights in the engine's dtype (chooses /dev/shm or disk). `gpu`: index among
         the visible GPUs to run the engine on (one engine per trainer
-        rank under torchrun); None: vLLM's default, the first."""
+        rank under torchrun); None: vLLM's default, the first. `lora_rank`: serve `model_dir` as a frozen base with
+        LoRA adapters of this (maximal) rank, pushed by `after_update`."""
         import torch
         from vllm import LLM
 
@@ -65,6 +73,10 @@ class VLLMGenerator(Generator):
             max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, max_logprobs=1,
             logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
         )
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+        self.lora = lora_rank is not None
+        self.lora_request = None  # the adapter every generate() samples with (LoRA: set by the first after_update)
         self.sleep_enabled = on_gpu and sleep
         self.asleep = False
         self.wake_bytes = 0  # GPU memory the engine released when it last went to sleep
@@ -83,8 +95,16 @@ class VLLMGenerator(Generator):
 
     def after_update(self, weights: StudentWeights) -> None:
         """The trainer's new weights into the running engine (collective when sharded: rank 0 writes them once,
-        to a directory every rank's engine reloads from)."""
-        if weights.sharded:
+        to a directory every rank's engine reloads from). LoRA: the adapter only."""
+        if weights.lora:
+            state = weights.full_state()
+            if weights.ranks.main:
+                from student_trainer.lora import save_adapter
+
+                save_adapter(weights.peft, self.weights_dir, state)
+            weights.ranks.barrier()
+            self.load_adapter()
+        elif weights.sharded:
             state = weights.full_state()
             if weights.ranks.main:
                 self.write_weights(weights.model, state)
@@ -98,23 +118,41 @@ class VLLMGenerator(Generator):
         self.write_weights(model)
         self.reload()
 
+    def load_adapter(self) -> None:
+        """Have the engine take the adapter in `weights_dir` (peft's format) as a new LoRA request, loaded now,
+        and drop the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        self._wake(["weights", "kv_cache"])  # level-1 sleep kept the base: everything wakes at once
+        previous = self.lora_request
+        n = previous.lora_int_id + 1 if previous is not None else 1
+        self.lora_request = LoRARequest(f"student-{n}", n, self.weights_dir)
+        self.llm.llm_engine.add_lora(self.lora_request)  # read now: the directory may be rewritten next step
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        self.asleep = False
+
+    def _wake(self, tags: list[str]) -> None:
+        if not self.asleep:
+            return
+        import torch
+
+        # the engine allocates in its own process: hand back what this process's caching allocator holds
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        if free < self.wake_bytes:
+            raise RuntimeError(
+                f"the rollout engine cannot wake up: it needs the {self.wake_bytes / 2**30:.1f} GiB it released when "
+                f"it went to sleep, and {free / 2**30:.1f} GiB of the GPU are free while the trainer holds its state "
+                "(python -m student_trainer.estimate shows the budget). Lower rollout.vllm_gpu_memory_utilization, "
+                "or the trainer's share: optim.micro_batch_tokens, more GPUs"
+            )
+        self.llm.wake_up(tags=tags)
+
     def reload(self) -> None:
         """Have the engine reload the weights in `weights_dir` (written by `write_weights`, maybe by another rank)."""
-        if self.asleep:
-            import torch
-
-            # the engine allocates in its own process: hand back what this process's caching allocator holds
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            free, _ = torch.cuda.mem_get_info()
-            if free < self.wake_bytes:
-                raise RuntimeError(
-                    f"the rollout engine cannot wake up: it needs the {self.wake_bytes / 2**30:.1f} GiB it released when "
-                    f"it went to sleep, and {free / 2**30:.1f} GiB of the GPU are free while the trainer holds its state "
-                    "(python -m student_trainer.estimate shows the budget). Lower rollout.vllm_gpu_memory_utilization, "
-                    "or the trainer's share: optim.micro_batch_tokens, more GPUs"
-                )
-            self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
+        self._wake(["weights"])  # the KV cache stays freed until the weights are in
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -137,7 +175,7 @@ class VLLMGenerator(Generator):
             import torch
 
             before, _ = torch.cuda.mem_get_info()
-            self.llm.sleep(level=2)
+            self.llm.sleep(level=1 if self.lora else 2)
             after, _ = torch.cuda.mem_get_info()
             self.wake_bytes = max(0, after - before)
             self.asleep = True
@@ -152,7 +190,8 @@ class VLLMGenerator(Generator):
             seed=seed, logprobs=0, flat_logprobs=True, detokenize=False,
             stop_token_ids=[self.eos] if self.eos is not None else None,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         rollouts: list[Rollout] = []
         for pi, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
             comps = sorted(out.outputs, key=lambda c: c.index)

@@ -45,6 +45,16 @@ from student_trainer.config import ConfigError, RunConfig, dump_config
 from student_trainer.data import Problem, PromptSampler, load_problems
 from student_trainer.estimate import check_fits
 from student_trainer.evaluate import eval_metrics, evaluate, is_correct
+from student_trainer.lora import (
+    adapter_dropout,
+    adapter_nbytes,
+    adapters_disabled,
+    apply_lora,
+    check_adapter_matches,
+    is_adapter_checkpoint,
+    load_adapter,
+    trainable_parameters,
+)
 from student_trainer.losses import advantage_histogram, fused_logit_stats, fused_token_losses, resolve_chunk_size
 from student_trainer.parallel import (
     Policy,
@@ -96,8 +106,9 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def mixed_precision(cfg: RunConfig, dtype: torch.dtype) -> bool:
-    """bfloat16 compute over float32 master weights (FSDP2 mixed precision), the default on GPU."""
-    return dtype != torch.float32 and cfg.optim.fp32_master_weights
+    """bfloat16 compute over float32 master weights (FSDP2 mixed precision), the default on GPU. Not for LoRA:
+    the frozen base needs no float32 copy, and peft keeps the adapters themselves in float32."""
+    return dtype != torch.float32 and cfg.optim.fp32_master_weights and cfg.model.lora is None
 
 
 def check_fused_head(model) -> None:
@@ -341,9 +352,11 @@ class MicroBatchLosses:
     mask_N: torch.Tensor | None = None
 
 
-def micro_batch_losses(policy: Policy, mb: StepBatch, cfg: RunConfig, device) -> MicroBatchLosses:
+def micro_batch_losses(policy: Policy, mb: StepBatch, cfg: RunConfig, device, peft=None) -> MicroBatchLosses:
     """Forward one micro-batch through the policy, ending in the fused per-token losses: the distillation
-    losses against the teacher's scores, or for seqkd (no scores) -log p_S(teacher token)."""
+    losses against the teacher's scores, or for seqkd (no scores) -log p_S(teacher token). exopd with LoRA and
+    no reference endpoint: the reference logprobs come from a first, gradient-free forward of the same module
+    with the adapters disabled (`peft`), i.e. from the base model."""
     lengths = np.array([len(r.token_ids) for r in mb.rollouts])
     prompt_lens = np.array([len(r.prompt_ids) for r in mb.rollouts])
     b, L = len(mb.rollouts), int(lengths.max())
@@ -351,11 +364,17 @@ def micro_batch_losses(policy: Policy, mb: StepBatch, cfg: RunConfig, device) ->
     mask_bL = np.arange(L)[None, :] < lengths[:, None]
     ids_bL[mask_bL] = np.concatenate([r.token_ids for r in mb.rollouts])
     seq_N, row_N = completion_positions(prompt_lens, lengths)
-    head = _nll_head(cfg) if mb.teacher is None else _distillation_head(mb, cfg, device, lengths - prompt_lens)
-    out = policy(
-        torch.from_numpy(ids_bL).to(device), torch.from_numpy(mask_bL.astype(np.int64)).to(device),
-        torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device), head,
-    )
+    inputs = (torch.from_numpy(ids_bL).to(device), torch.from_numpy(mask_bL.astype(np.int64)).to(device),
+              torch.from_numpy(seq_N).to(device), torch.from_numpy(row_N).to(device))
+    ref_N = None
+    if cfg.loss.mode == "exopd" and mb.ref_logprobs is None:
+        if peft is None:
+            raise RuntimeError("exopd needs reference logprobs: teacher.ref_url, or model.lora (the base model)")
+        with torch.no_grad(), adapters_disabled(peft):
+            ref_N = -policy(*inputs, _nll_head(cfg)).float()
+    head = (_nll_head(cfg) if mb.teacher is None
+            else _distillation_head(mb, cfg, device, lengths - prompt_lens, ref_N))
+    out = policy(*inputs, head)
     if mb.teacher is None:
         return MicroBatchLosses(out, {"loss/nll": out.detach().sum()}, seq_N)
     return MicroBatchLosses(out.loss_N, out.metric_sums, seq_N, out.advantage_N, out.mask_N)
@@ -370,7 +389,7 @@ def _nll_head(cfg: RunConfig):
     return head
 
 
-def _distillation_head(mb: StepBatch, cfg: RunConfig, device, completion_lens_b: np.ndarray):
+def _distillation_head(mb: StepBatch, cfg: RunConfig, device, completion_lens_b: np.ndarray, ref_N=None):
     def cat(parts, dtype):
         return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
 
@@ -378,7 +397,8 @@ def _distillation_head(mb: StepBatch, cfg: RunConfig, device, completion_lens_b:
     teacher_lp_N = cat([t.token_logprobs for t in mb.teacher], np.float32)
     topk_ids_NK = cat([t.topk_ids for t in mb.teacher], np.int64)
     topk_lp_NK = cat([t.topk_logprobs for t in mb.teacher], np.float32)
-    ref_N = cat(mb.ref_logprobs, np.float32) if mode == "exopd" else None
+    if mode == "exopd" and ref_N is None:
+        ref_N = cat(mb.ref_logprobs, np.float32)
     correct_N = torch.from_numpy(np.repeat(mb.correct, completion_lens_b)).to(device) if mode == "aopd_acc" else None
     behaviour_N = cat([r.behaviour_logprobs for r in mb.rollouts], np.float32) if cfg.loss.importance_correction else None
 
@@ -456,9 +476,11 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
     sums: dict[str, float] = {}
     advantages: list[torch.Tensor | None] = [None] * len(batch.rollouts)  # per rollout, back in rollout order
     masks: list[torch.Tensor | None] = [None] * len(batch.rollouts)
+    dropout = cfg.model.lora is not None and cfg.model.lora.dropout > 0
     for idx in groups:
         mb = batch.select(idx)
-        out = micro_batch_losses(run.policy, mb, cfg, run.device)
+        with adapter_dropout(run.model, dropout):
+            out = micro_batch_losses(run.policy, mb, cfg, run.device, run.peft)
         seq_len_b = np.array([len(r.completion_ids) for r in mb.rollouts], dtype=np.float64)
         (reduce_loss(out.loss_N, out.seq_N, seq_len_b, cfg, int(counts["tokens"]), int(counts["seqs"])) * ranks.world).backward()
         names = sorted(out.metric_sums)  # one device sync per micro-batch; float64 sums across them
@@ -469,7 +491,7 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
             for i, a, m in zip(idx, out.advantage_N.detach().float().cpu().split(split),
                                out.mask_N.detach().cpu().split(split), strict=True):
                 advantages[i], masks[i] = a, m
-    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.optim.grad_clip))
+    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable_parameters(run.policy), cfg.optim.grad_clip))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -573,12 +595,13 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
 
 
 def checkpoint(run: Run, step: int) -> None:
-    """Full weights and a name-keyed full optimizer state (collectives when sharded), written by rank 0."""
+    """Full weights (LoRA: the adapter, in peft's format) and a name-keyed full optimizer state (collectives
+    when sharded), written by rank 0."""
     weights = run.weights.full_state()
     optim_state = full_optimizer_state(run.policy, run.optimizer)
     if run.ranks.main:
         save_checkpoint(
-            run.run_dir, step, run.model, run.tokenizer,
+            run.run_dir, step, run.model if run.peft is None else run.peft, run.tokenizer,
             {"step": step, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
              "sampler": run.prompts.state_dict(), "torch_rng": torch.get_rng_state()},
             keep=run.cfg.train.keep_checkpoints, state_dict=weights,
@@ -648,6 +671,7 @@ class Run:
     device: torch.device
     tokenizer: Any
     model: torch.nn.Module  # the Hugging Face module (sharded inside `policy` under FSDP)
+    peft: Any  # model.lora: peft's PeftModel around `model` (adapters injected into it in place); else None
     policy: Policy
     weights: StudentWeights
     eval_problems: list[Problem]
@@ -705,7 +729,14 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         logger.warning("--resume: no complete checkpoint in %s; starting from step 0", run_dir)
 
     # ---- the student
+    lora = cfg.model.lora
     model_path = str(ckpt) if ckpt else cfg.model.path
+    if ckpt is not None and is_adapter_checkpoint(ckpt) != (lora is not None):
+        raise ConfigError(
+            f"{ckpt} holds {'a LoRA adapter' if lora is None else 'full weights'} but the config "
+            f"{'has no' if lora is None else 'sets'} model.lora: resume with the config that wrote it, or a new run_dir"
+        )
+    weights_path = cfg.model.path if lora is not None else model_path  # LoRA: the base, never changed
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -724,11 +755,21 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         est = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, ranks.world,
                          longest - cfg.rollout.max_new_tokens)
         logger.info("memory estimate: peak %.1f GiB per GPU of %.0f GiB", est.peak / 2**30, est.gpu_bytes / 2**30)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if mixed else dtype)
+    model = AutoModelForCausalLM.from_pretrained(weights_path, dtype=torch.float32 if mixed else dtype)
+    check_fused_head(model)
+    peft_model = None
+    if lora is not None:
+        base = Path(cfg.model.path)
+        peft_model = apply_lora(model, lora, base_path=str(base.resolve()) if base.is_dir() else cfg.model.path)
+        if ckpt is not None:
+            check_adapter_matches(ckpt, lora)
+            load_adapter(peft_model, ckpt)
+        n_train = sum(p.numel() for p in trainable_parameters(model))
+        logger.info("LoRA rank %d on %s: %.2fM trainable parameters of %.1fM", lora.rank, ",".join(lora.target_modules),
+                    n_train / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
     # eval mode throughout: lp_S, the advantage and the mask must come from the policy itself, not a
     # dropout-perturbed one (gradients flow the same in eval mode)
     model.eval()
-    check_fused_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     policy = Policy(model)
     ac = cfg.optim.activation_checkpointing
@@ -738,8 +779,16 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     if sharded:
         samples = cfg.loss.mode != "seqkd" or cfg.train.eval_every > 0  # seqkd samples only to evaluate
         if cfg.rollout.engine == "hf" and samples:
-            replica = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        shard(policy, ranks, device, compute_dtype=dtype if mixed else None)  # moves this rank's shard to `device`
+            replica = AutoModelForCausalLM.from_pretrained(weights_path, dtype=dtype)
+            if lora is not None:  # the same adapters: each step's sync then copies only them
+                replica_peft = apply_lora(replica, lora)
+                if ckpt is not None:
+                    load_adapter(replica_peft, ckpt)
+            replica = replica.to(device).eval()
+        # compute dtype: mixed precision, or LoRA in bfloat16 (float32 adapters next to bfloat16 base weights in
+        # one unit: all-gathered in bfloat16, gradients reduced in float32)
+        compute = dtype if mixed or (lora is not None and dtype != torch.float32) else None
+        shard(policy, ranks, device, compute_dtype=compute)  # moves this rank's shard to `device`
         logger.info(
             "rank %d/%d: FSDP2 on %s%s", ranks.rank, ranks.world, device,
             f", {dtype} compute with float32 master weights" if mixed else "",
@@ -760,7 +809,7 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         max_seq_len=longest,
     )
     ref = None
-    if cfg.loss.mode == "exopd":
+    if cfg.loss.mode == "exopd" and cfg.teacher.ref_url is not None:  # (LoRA without one: the base, in-process)
         ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
         wait_for_teacher(ref, cfg.teacher.startup_wait_s, "reference endpoint")
         ref.connect(tokenizer=tokenizer, vocab_size=vocab, max_seq_len=longest)
@@ -769,7 +818,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
 
     # ---- optimizer, and the resumed state
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+        trainable_parameters(policy), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step = 0
@@ -792,20 +842,24 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         # (in /dev/shm when it has room) that every rank's engine reloads from
         engine_dtype = (getattr(torch, cfg.model.dtype) if cfg.model.dtype != "auto"
                         else torch.bfloat16 if device.type == "cuda" else torch.float32)
-        nbytes = weights_nbytes(policy, engine_dtype)
+        nbytes = adapter_nbytes(policy) if lora is not None else weights_nbytes(policy, engine_dtype)
         shared_dir = ranks.broadcast(new_weights_dir(nbytes) if ranks.main else None) if sharded else None
         generator: Generator = VLLMGenerator(
-            model_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
+            weights_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
             weights_dir=shared_dir, remove_weights_dir=ranks.main, sleep=cfg.rollout.vllm_sleep,
             gpu=device.index if device.type == "cuda" else None, weights_bytes=nbytes,
+            lora_rank=lora.rank if lora is not None else None,
         )
     else:
         generator = HFGenerator(model if replica is None else replica, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+    weights = StudentWeights(policy, ranks, sharded, peft_model)
+    if lora is not None and cfg.rollout.engine == "vllm":
+        generator.after_update(weights)  # the engine serves the base; from here on it samples with the adapter
 
     run = Run(
-        cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, policy=policy,
-        weights=StudentWeights(policy, ranks, sharded), eval_problems=eval_problems, prompts=prompts, chunks=chunks,
+        cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, peft=peft_model,
+        policy=policy, weights=weights, eval_problems=eval_problems, prompts=prompts, chunks=chunks,
         teacher=teacher, ref=ref, optimizer=optimizer, scheduler=scheduler, start_step=start_step, generator=generator,
         scorer=StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s),
     )
