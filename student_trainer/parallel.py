@@ -223,16 +223,18 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def local_mib(policy: Policy, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """MiB of weights and of optimizer state this rank holds (its shards when sharded)."""
+def local_mib(policy: Policy, optimizer: torch.optim.Optimizer) -> tuple[float, float, float]:
+    """MiB of weights, of gradients (at backward: one per trainable parameter) and of optimizer state this
+    rank holds (its shards when sharded)."""
 
     def nbytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
     weights = sum(nbytes(p) for p in policy.parameters())
+    grads = sum(nbytes(p) for p in policy.parameters() if p.requires_grad)
     state = sum(nbytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-    return weights / 2**20, state / 2**20
+    return weights / 2**20, grads / 2**20, state / 2**20
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

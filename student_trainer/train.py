@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -524,7 +525,7 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         return
     c = result.counts
     n_tokens, n_seqs = int(c["tokens"]), int(c["seqs"])
-    weights_mib, optim_mib = local_mib(run.policy, run.optimizer)
+    weights_mib, grads_mib, optim_mib = local_mib(run.policy, run.optimizer)
     record: dict[str, Any] = {"step": step}
     record.update({k: v / max(n_tokens, 1) for k, v in result.sums.items()})
     if gathered[0] is not None:
@@ -560,7 +561,10 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         "throughput/tok_per_s": n_tokens / step_s,
         # rank 0's share: 1/N of the whole when sharded over N ranks
         "memory/weights_mib": weights_mib,
+        "memory/gradients_mib": grads_mib,
         "memory/optimizer_mib": optim_mib,
+        # this process's peak resident host memory so far (Linux reports KiB)
+        "memory/host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
     if run.device.type == "cuda":
         record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20

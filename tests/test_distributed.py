@@ -283,3 +283,25 @@ def test_two_rank_lora_run_matches_one_process(setup, single):
     run(write_config(setup, split, *lora), 1, "--resume")
     ws = lora_adapter(split, 2)
     assert max(float((wa[k] - ws[k]).abs().max()) for k in wa) <= 10 * WEIGHT_TOL
+
+
+def test_bfloat16_lora_keeps_a_bfloat16_base_and_float32_adapters_in_one_and_two_processes(setup):
+    """LoRA in bfloat16 (the GPU default): the frozen base stays bfloat16 (no float32 copy), peft keeps the
+    adapters float32, so updates of lr 1e-4 do not round away; one process without FSDP, two with FSDP2 mixed
+    precision (all-gathered in bfloat16, reduced in float32) see the same step-1 loss to bfloat16 precision."""
+    common = ["model.dtype=bfloat16", "model.lora.rank=8", "optim.lr=1e-4", "train.dump_rollouts_every=0"]
+    one, two = setup["dir"] / "lora_bf16_one", setup["dir"] / "lora_bf16_two"
+    run(write_config(setup, one, *common), 1)
+    run(write_config(setup, two, *common), 2)
+    for run_dir in (one, two):
+        w = lora_adapter(run_dir, 2)
+        assert all(v.dtype == torch.float32 for v in w.values())
+        b = [v for k, v in w.items() if "lora_B" in k]
+        assert b and all(float(v.abs().max()) > 0 for v in b)  # every adapter moved off B = 0
+        rs = steps(run_dir)
+        assert all(r["loss/total"] == r["loss/total"] for r in rs)  # finite
+    # the frozen base is held in bfloat16: 2 bytes per base parameter plus float32 adapters
+    base = sum(v.numel() for v in load_file(str(setup["student"] / "model.safetensors")).values())
+    adapter = sum(v.numel() for v in lora_adapter(one, 2).values())
+    assert steps(one)[0]["memory/weights_mib"] == pytest.approx((2 * base + 4 * adapter) / 2**20, rel=1e-9)
+    assert steps(two)[0]["loss/total"] == pytest.approx(steps(one)[0]["loss/total"], rel=1e-2)

@@ -108,6 +108,33 @@ def test_estimate_counts_parameters_exactly_and_activations_as_measured(tmp_path
     assert per_layer_per_token == pytest.approx(shape.layer_saved_elements, rel=0.02)
 
 
+def test_estimate_counts_lora_parameters_exactly_and_drops_the_full_states(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from student_trainer.config import LoraSection, load_config
+    from student_trainer.estimate import GIB, KNOWN_SHAPES, ModelShape, estimate
+    from student_trainer.lora import apply_lora, trainable_parameters
+    from student_trainer.tiny_models import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "m", hidden_size=128, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=256)
+    for section in (LoraSection(rank=8), LoraSection(rank=16, target_modules=["q_proj", "v_proj", "down_proj"])):
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        apply_lora(model, section)
+        assert ModelShape.from_dir(d).lora_params(section.rank, section.target_modules) == sum(
+            p.numel() for p in trainable_parameters(model))
+    # an 8B student on one 80 GB GPU: full weights do not fit, LoRA rank 64 does (bfloat16 base, float32 adapters)
+    example = load_config("docker/run.example.yaml", [])
+    shape = KNOWN_SHAPES["qwen3-8b"]
+    assert not estimate(example, 80 * GIB, 1, 512, shape).fits
+    lora = load_config("docker/run.example.yaml", ["model.lora.rank=64"])
+    est = estimate(lora, 80 * GIB, 1, 512, shape)
+    assert est.fits
+    adapters = shape.lora_params(64, list(LoraSection().target_modules))
+    by_name = {x.name: x.nbytes for x in est.update}
+    assert by_name["weights (sharded)"] == shape.params * 2 + adapters * 4
+    assert by_name["Adam moments (sharded)"] == 8 * adapters and by_name["gradients (sharded)"] == 4 * adapters
+
+
 def test_estimate_refuses_what_cannot_fit_and_names_the_knob(tmp_path):
     from student_trainer.config import ConfigError, load_config
     from student_trainer.estimate import GIB, KNOWN_SHAPES, check_fits, estimate
@@ -155,6 +182,7 @@ def test_waking_the_rollout_engine_checks_its_memory_is_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     gen = object.__new__(rollout_vllm.VLLMGenerator)
     gen.llm, gen.sleep_enabled, gen.asleep, gen.wake_bytes, gen.weights_dir = FakeLLM(), True, False, 0, "/unused"
+    gen.lora, gen.lora_request = False, None
     gen.sleep()
     assert gen.asleep and gen.wake_bytes == 30 * gib
     gen.reload()  # all of it is free again: wakes
@@ -163,3 +191,24 @@ def test_waking_the_rollout_engine_checks_its_memory_is_free(monkeypatch):
     free["bytes"] -= 25 * gib  # the update's activations took most of it and the allocator could not return it
     with pytest.raises(RuntimeError, match="vllm_gpu_memory_utilization"):
         gen.reload()
+    # LoRA: the base must survive the sleep (level 1: offloaded, not discarded); a new adapter wakes everything
+    calls.clear()
+
+    class FakeEngine:
+        def add_lora(self, request):
+            calls.append(("add_lora", request.lora_int_id))
+
+        def remove_lora(self, lora_id):
+            calls.append(("remove_lora", lora_id))
+
+    free["bytes"] = 10 * gib
+    gen.llm.llm_engine = FakeEngine()
+    gen.lora, gen.asleep = True, False
+    gen.sleep()
+    assert ("sleep", 1) in calls
+    gen.load_adapter()
+    gen.sleep()
+    gen.load_adapter()
+    assert not gen.asleep and ("wake", ("weights", "kv_cache")) in calls
+    assert [c for c in calls if "lora" in c[0]] == [("add_lora", 1), ("add_lora", 2), ("remove_lora", 1)]
+    assert not any(c[0] == "reload_weights" for c in calls)  # the base is never reloaded
