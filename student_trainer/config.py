@@ -9,6 +9,7 @@ to `<run_dir>/config.yaml`, so a run directory always says exactly what produced
 from __future__ import annotations
 
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -335,6 +336,10 @@ def describe_config(width: int = 100) -> str:
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
             lines.append(f"  {dotted} ({default})")
             lines += textwrap.wrap(f.description or "", width, initial_indent="      ", subsequent_indent="      ")
+            nested = [a for a in typing.get_args(f.annotation) if isinstance(a, type) and issubclass(a, _Section)]
+            for sub_key, sub in (nested[0].model_fields.items() if nested else []):  # e.g. model.lora.rank
+                lines.append(f"  {dotted}.{sub_key} (default {sub.get_default(call_default_factory=True)!r})")
+                lines += textwrap.wrap(sub.description or "", width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
 

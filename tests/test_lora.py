@@ -153,6 +153,30 @@ def test_only_adapters_train_the_loss_falls_and_the_base_is_bit_identical(studen
             assert torch.equal(p, base[n]), n
 
 
+def test_adapter_dropout_acts_only_inside_the_update_forward(student_dir):
+    from transformers import AutoModelForCausalLM
+
+    from student_trainer.lora import adapter_dropout, apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
+    apply_lora(model, LoraSection(rank=8, dropout=0.5))
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    ids = [2, 10, 11, 12, 40]
+    plain = logits(model, ids)
+    np.testing.assert_array_equal(logits(model, ids), plain)  # eval mode: deterministic
+    torch.manual_seed(0)
+    with adapter_dropout(model, True):
+        assert not np.allclose(logits(model, ids), plain)
+        assert not model.training  # only the dropout modules switched
+    np.testing.assert_array_equal(logits(model, ids), plain)  # and back
+    with adapter_dropout(model, False):
+        np.testing.assert_array_equal(logits(model, ids), plain)
+
+
 def _adapter(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "adapter_model.safetensors"))
 
