@@ -7,7 +7,6 @@ given), so tests can wrap any engine. Every error, ours or FastAPI's, leaves as 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -40,6 +39,15 @@ from teacher_server.engines import ScoringEngine, build_engine
 from teacher_server.metrics import Metrics
 from teacher_server.peer_routes import add_peer_routes
 from teacher_server.settings import Settings
+from teacher_server.tenants import (
+    FairGate,
+    GatedEngine,
+    Tenants,
+    TenantState,
+    current_tenant,
+    install_sighup,
+    watch_keys_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +55,11 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope, "description": desc}
     for code, desc in {
         400: "Invalid request (bad top_k, score_from, token id, protocol version, body)",
+        401: "Missing, wrong or revoked API key",
         413: "Request or body over the server's limits",
         415: "Unsupported Content-Type",
         422: "Schema violation",
+        429: "At capacity, or over the tenant's own limit (Retry-After says when to retry)",
         503: "Engine not ready or failed",
     }.items()
 }
@@ -155,19 +165,27 @@ async def _watch_engine(app: FastAPI, eng: ScoringEngine, period_s: float = 1.0)
 
 def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastAPI:
     metrics = Metrics()
+    tenants = Tenants(settings.api_keys_file, settings.api_key.get_secret_value() if settings.api_key else None)
+    gate = FairGate(settings.engine_tokens_in_flight or 2 * settings.max_tokens_per_batch, settings.scheduling == "fair")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else build_engine(settings)
         eng.observe_forward = metrics.observe_forward
         await eng.start()
-        app.state.engine = eng
+        app.state.engine = GatedEngine(eng, tenants, gate, metrics)
         logger.info("teacher ready: %s", eng.info)
         watchdog = asyncio.create_task(_watch_engine(app, eng))
+        keys_watch = None
+        if tenants.keys_file is not None:
+            keys_watch = asyncio.create_task(watch_keys_file(tenants, settings.api_keys_reload_s))
+            install_sighup(tenants)
         try:
             yield
         finally:
             watchdog.cancel()
+            if keys_watch is not None:
+                keys_watch.cancel()
             app.state.engine = None
             await eng.close()
 
@@ -185,35 +203,32 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
     app.state.server = None  # set by __main__ to the uvicorn.Server, so a dead engine can stop the process
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tenants = tenants
+    app.state.gate = gate
 
-    def admit(request: Request) -> None:
-        """Auth, then the bounded queue: beyond max_queued_requests a request is refused (429), not buffered."""
-        if settings.api_key is not None:
-            header = request.headers.get("authorization", "")
-            expected = f"Bearer {settings.api_key.get_secret_value()}"
-            if not hmac.compare_digest(header.encode(), expected.encode()):
-                raise ProtocolError(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key / TEACHER_API_KEY)",
-                    error_type="unauthorized",
-                    status=401,
-                )
+    def admit(request: Request) -> TenantState:
+        """Auth (which tenant), then the bounded queue: beyond max_queued_requests a request is refused (429), not
+        buffered; then the tenant's own request limit."""
+        st = tenants.authenticate(request.headers.get("authorization", ""))
         if app.state.admitted >= settings.max_queued_requests:
             raise ProtocolError(
                 f"the teacher is at capacity ({settings.max_queued_requests} requests admitted); retry later",
                 error_type="overloaded",
                 status=429,
             )
+        tenants.admit_request(st)
+        return st
 
     @asynccontextmanager
     async def served(request: Request, route: str):
         """Around a work route: auth and bounded admission first, then the in-flight gauge and the per-route
         request/latency metrics, whatever the handler's outcome."""
         t0 = time.perf_counter()
-        status, admitted = 500, False
+        status, st, token = 500, None, None
         try:
-            admit(request)
+            st = admit(request)
             app.state.admitted += 1
-            admitted = True
+            token = current_tenant.set(st)
             metrics.in_flight.inc()
             yield
             status = 200
@@ -221,9 +236,13 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             status = exc.status
             raise
         finally:
-            if admitted:
+            if token is not None:
+                current_tenant.reset(token)
                 app.state.admitted -= 1
+                tenants.release_request(st)
                 metrics.in_flight.dec()
+            if st is not None:
+                metrics.tenant_requests.labels(tenant=st.tenant.name, status=str(status)).inc()
             metrics.requests.labels(route=route, status=str(status)).inc()
             metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
 
@@ -241,7 +260,7 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
     async def _protocol_error(request: Request, exc: ProtocolError):
         resp = error_response(exc.status, exc.error_type, str(exc), metrics)
         if exc.status in (429, 503):
-            resp.headers["Retry-After"] = "1" if exc.status == 429 else "5"
+            resp.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1 if exc.status == 429 else 5))
         if exc.status == 401:
             resp.headers["WWW-Authenticate"] = "Bearer"
         return resp
@@ -287,6 +306,11 @@ def create_app(settings: Settings, engine: ScoringEngine | None = None) -> FastA
             max_seq_len=i.max_seq_len,
             max_body_bytes=settings.max_body_bytes,
         )
+
+    @app.get("/v1/usage", responses={401: _ERROR_RESPONSES[401]})
+    async def usage(request: Request) -> dict:
+        """The calling tenant's own figures (requests, 429s, tokens scored, in flight, queue wait), nobody else's."""
+        return tenants.authenticate(request.headers.get("authorization", "")).usage()
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:

@@ -33,6 +33,16 @@ class Metrics:
         self.forward_tokens = Histogram(
             "aopd_teacher_forward_tokens", "Tokens in one forward pass", buckets=_TOKEN_BUCKETS, registry=r
         )
+        # per tenant (names come from the keys file: bounded cardinality)
+        self.tenant_requests = Counter(
+            "aopd_teacher_tenant_requests", "Work requests by tenant and status (429: over a limit)", ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter("aopd_teacher_tenant_tokens_scored", "Positions scored by tenant", ["tenant"], registry=r)
+        self.tenant_queue_wait = Histogram(
+            "aopd_teacher_tenant_queue_wait_seconds", "Wait in the fair queue before the engine, by tenant", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.in_flight = Gauge("aopd_teacher_requests_in_flight", "Scoring and generation requests being served", registry=r)
 
     def observe_forward(self, n_requests: int, n_sequences: int, n_tokens: int) -> None:

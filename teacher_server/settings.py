@@ -43,6 +43,19 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, /v1/score and /v1/generate require 'Authorization: Bearer <key>' (/health stays open)."
     )
+    api_keys_file: str | None = Field(
+        None, description="Tenants: a YAML/JSON file of API keys (stored as SHA-256), each naming a tenant with a weight "
+        "and optional limits (see teacher_server/tenants.py); re-read on SIGHUP and when it changes. Replaces --api-key.",
+    )
+    api_keys_reload_s: float = Field(5.0, gt=0, description="How often the keys file's modification time is checked.")
+    scheduling: Literal["fair", "fifo"] = Field(
+        "fair", description="When the engine is saturated: fair = backlogged tenants get tokens in proportion to their "
+        "weights (start-time fair queueing); fifo = arrival order.",
+    )
+    engine_tokens_in_flight: int | None = Field(
+        None, ge=1, description="Scoring tokens admitted into the engine at once; beyond it requests wait in the fair "
+        "queue (default: 2 x max_tokens_per_batch, so the engine always has its next batch).",
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Requests admitted at once (queued or running); beyond it: 429 with Retry-After."
     )
@@ -53,6 +66,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # TEACHER_API_KEY="" (e.g. an unset compose variable) means no auth
+        if self.api_keys_file is not None and self.api_key is not None:
+            raise ValueError("--api-key and --api-keys-file both set: give the key as one tenant of the keys file")
         if self.engine == "hf" and self.tensor_parallel_size > 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} with engine=hf: the transformers engine runs on one "
