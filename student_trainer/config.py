@@ -139,6 +139,10 @@ class TeacherSection(_Section):
         "rollouts are kept meanwhile)."
     )
     api_key: str | None = Field(None, description="Bearer token (default: TEACHER_API_KEY from the environment).")
+    ca_file: str | None = Field(
+        None, description="https teachers: verify the certificate against this CA (PEM) instead of the system's "
+        "trust store. A certificate that does not verify stops the run at once with the reason.",
+    )
 
 
 class DataSection(_Section):

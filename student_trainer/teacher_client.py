@@ -21,9 +21,12 @@ sending it again is safe. Every other failure surfaces at once with the server's
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +64,48 @@ class TeacherError(RuntimeError):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
+
+
+class TeacherTLSError(TeacherError):
+    """The teacher's certificate cannot be verified (unknown CA, wrong host name, expired): not retried."""
+
+
+def _tls_problem(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind an httpx connection error, if that is what it is."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _tls_error(url: str, err: ssl.SSLError) -> TeacherTLSError:
+    why = str(getattr(err, "verify_message", None) or err.reason or err).rstrip(".")
+    return TeacherTLSError(
+        f"TLS to the teacher at {url} failed: {why}. If the teacher's certificate is signed by your own CA, set "
+        "teacher.ca_file to that CA's PEM file; check that the URL's host name is one the certificate names"
+    )
+
+
+def _tls_context(url: str, ca_file: str | None) -> ssl.SSLContext | bool:
+    """httpx's `verify`: for https, the system's trust store, or only `ca_file`'s CA when given."""
+    if ca_file is not None:
+        if not os.path.isfile(ca_file):
+            raise ValueError(f"teacher.ca_file={ca_file!r} does not exist")
+        return ssl.create_default_context(cafile=ca_file)
+    return ssl.create_default_context() if url.startswith("https://") else True
+
+
+def _warn_plain_key(url: str, has_key: bool) -> None:
+    host = (httpx.URL(url).host or "").strip("[]")
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if has_key and url.startswith("http://") and not loopback:
+        logger.warning("sending the teacher API key over plain HTTP to %s: anyone on the path can read it; serve the "
+                       "teacher with --ssl-certfile/--ssl-keyfile and use https:// (teacher.ca_file for your own CA)", url)
 
 
 class TeacherIncompatibleError(TeacherError):
@@ -126,6 +171,7 @@ class _Base:
         api_key: str | None = None,
         encoding: str = "msgpack",
         protocol: str = "auto",
+        ca_file: str | None = None,
     ):
         if encoding not in ("msgpack", "json"):
             raise ValueError(f"encoding={encoding!r}: choose 'msgpack' (fast) or 'json' (debugging)")
@@ -142,6 +188,8 @@ class _Base:
         key = api_key if api_key is not None else os.environ.get("TEACHER_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.server_info: InfoResponse | None = None
+        self.verify = _tls_context(self.url, ca_file)
+        _warn_plain_key(self.url, bool(key))
 
     def _after_attempt(
         self, attempt: int, path: str, resp: httpx.Response | None, exc: Exception | None
@@ -353,7 +401,7 @@ class TeacherClient(_Base):
 
     def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None, **kwargs: Any):
         super().__init__(url, **kwargs)
-        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport, verify=self.verify)
 
     def __enter__(self) -> TeacherClient:
         return self
@@ -369,6 +417,8 @@ class TeacherClient(_Base):
             try:
                 resp, exc = self._http.request(method, path, **kwargs), None
             except _RETRY_EXCEPTIONS as e:
+                if (tls := _tls_problem(e)) is not None:
+                    raise _tls_error(self.url, tls) from e
                 resp, exc = None, e
             except httpx.TimeoutException as e:  # a hung teacher: not retried here (the request may be running)
                 raise TeacherUnavailableError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
@@ -384,7 +434,9 @@ class TeacherClient(_Base):
     def health(self) -> bool:
         try:
             return self._http.get("/health", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:
+            if (tls := _tls_problem(e)) is not None:  # waiting would not help: say so now
+                raise _tls_error(self.url, tls) from e
             return False
 
     def connect(self, **checks: Any) -> InfoResponse:
@@ -431,7 +483,7 @@ class AsyncTeacherClient(_Base):
 
     def __init__(self, url: str, *, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any):
         super().__init__(url, **kwargs)
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, transport=transport)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, transport=transport, verify=self.verify)
 
     async def __aenter__(self) -> AsyncTeacherClient:
         return self
@@ -447,6 +499,8 @@ class AsyncTeacherClient(_Base):
             try:
                 resp, exc = await self._http.request(method, path, **kwargs), None
             except _RETRY_EXCEPTIONS as e:
+                if (tls := _tls_problem(e)) is not None:
+                    raise _tls_error(self.url, tls) from e
                 resp, exc = None, e
             except httpx.TimeoutException as e:
                 raise TeacherUnavailableError(f"teacher at {self.url} did not answer {path} in time ({type(e).__name__})") from e
@@ -462,7 +516,9 @@ class AsyncTeacherClient(_Base):
     async def health(self) -> bool:
         try:
             return (await self._http.get("/health", timeout=5.0)).status_code == 200
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:
+            if (tls := _tls_problem(e)) is not None:  # waiting would not help: say so now
+                raise _tls_error(self.url, tls) from e
             return False
 
     async def connect(self, **checks: Any) -> InfoResponse:

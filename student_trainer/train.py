@@ -804,6 +804,7 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     client_kw = dict(
         timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries, max_backoff_s=cfg.teacher.max_backoff_s,
         api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding, protocol=cfg.teacher.protocol,
+        ca_file=cfg.teacher.ca_file,
     )
     urls = [u.strip() for u in cfg.teacher.url.split(",") if u.strip()]
     teacher = TeacherClient(urls[0], **client_kw) if len(urls) == 1 else TeacherPool(urls, **client_kw)

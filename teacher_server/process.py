@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,18 +61,21 @@ def stock_vllm_in_subprocess(
 
 @contextlib.contextmanager
 def _server_process(
-    cmd: list[str], port: int, start_timeout_s: float, env: dict[str, str] | None = None
+    cmd: list[str], port: int, start_timeout_s: float, env: dict[str, str] | None = None, *,
+    scheme: str = "http", verify: str | bool = True,
 ) -> Iterator[TeacherProcess]:
-    """Start `cmd`, wait until /health answers 200, yield; terminate it (then kill) on the way out."""
+    """Start `cmd`, wait until /health answers 200, yield; terminate it (then kill) on the way out. `scheme`
+    https with `verify` (a CA file): a teacher serving TLS."""
     proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
+    verify = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {proc.returncode}: {' '.join(cmd)}")
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                if httpx.get(url + "/health", timeout=1, verify=verify).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
         None, ge=1, description="Scoring tokens admitted into the engine at once; beyond it requests wait in the fair "
         "queue (default: 2 x max_tokens_per_batch, so the engine always has its next batch).",
     )
+    ssl_certfile: str | None = Field(None, description="Serve HTTPS with this certificate (PEM; uvicorn's TLS).")
+    ssl_keyfile: str | None = Field(None, description="The certificate's private key (PEM).")
     max_queued_requests: int = Field(
         256, ge=1, description="Requests admitted at once (queued or running); beyond it: 429 with Retry-After."
     )
@@ -66,6 +68,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             self.api_key = None  # TEACHER_API_KEY="" (e.g. an unset compose variable) means no auth
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together: give both to serve HTTPS")
         if self.api_keys_file is not None and self.api_key is not None:
             raise ValueError("--api-key and --api-keys-file both set: give the key as one tenant of the keys file")
         if self.engine == "hf" and self.tensor_parallel_size > 1:
