@@ -16,8 +16,9 @@ The file is re-read on SIGHUP and whenever its modification time changes (checke
 admitted finish (tenant state is kept by name). `--api-key` alone is one tenant named "default"; with neither,
 every caller is the tenant "anonymous".
 
-Fair scheduling (`FairGate`): scoring work enters the engine under a token capacity (`--engine-tokens-in-flight`,
-default two forwards' worth, so the engine always has its next batch). Beyond it requests wait in a heap ordered
+Fair scheduling (`FairGate`, with a keys file; a single tenant goes straight to the engine): scoring work
+enters the engine under a token capacity (`--engine-tokens-in-flight`, default two forwards' worth, so the
+engine always has its next batch). Beyond it requests wait in a heap ordered
 by start-time fair queueing tags (Goyal et al. 1996): a request of n tokens from a tenant of weight w gets
 start = max(V, the tenant's last finish) and finish = start + n / w, V being the start tag last admitted. So
 backlogged tenants receive tokens in proportion to their weights, a tenant that was idle gets no banked credit,
@@ -305,6 +306,8 @@ class GatedEngine:
         tokens = int(batch.num_tokens)
         if st is None:  # not through a tenant's request (in-process callers)
             return await self._inner.score(batch)
+        if self._tenants.keys_file is None:  # one tenant: no limits, and the engine's own queue is the order
+            return self._count(st, await self._inner.score(batch))
         self._tenants.charge_tokens(st, tokens)
         try:
             waited = await self._gate.acquire(st.tenant, tokens)
@@ -315,12 +318,15 @@ class GatedEngine:
                 result = await self._inner.score(batch)
             finally:
                 self._gate.release(tokens)
-            scored = int(result.token_logprobs_N.size)
-            st.tokens_scored += scored
-            self._metrics.tenant_tokens.labels(tenant=st.tenant.name).inc(scored)
-            return result
+            return self._count(st, result)
         finally:
             self._tenants.release_tokens(st, tokens)
+
+    def _count(self, st: TenantState, result):
+        scored = int(result.token_logprobs_N.size)
+        st.tokens_scored += scored
+        self._metrics.tenant_tokens.labels(tenant=st.tenant.name).inc(scored)
+        return result
 
 
 async def watch_keys_file(tenants: Tenants, period_s: float) -> None:
