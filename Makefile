@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-numeric lint demo bench clean
+.PHONY: install test test-numeric lint demo bench clean compose-test
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# Not part of `make test`: the compose stack built and run for real on CPU (docker/compose_test.py; needs a
+# running dockerd, docker-compose or `docker compose`, debootstrap). ~13 min cold, ~8 min once the images exist.
+compose-test: $(STAMP)
+	$(PY) docker/compose_test.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

