@@ -16,34 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from student_trainer.config import ConfigError, LoraSection, dump_config, load_config
-from student_trainer.tiny_models import build_tiny_model
 from student_trainer.train import train
 from teacher_server.app import create_app
 from tests.helpers import HAS_VLLM, LiveServer, float32_tol, make_cfg, model_terms, teacher_settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.numeric
-
-
-@pytest.fixture(scope="module")
-def student_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("student"), hidden_size=64, num_layers=1, num_heads=1,
-                            intermediate_size=128, seed=3, tokenizer_dir=tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def teacher_url(tiny_model_dir):
-    with LiveServer(create_app(teacher_settings(tiny_model_dir, "hf", batch_wait_ms=0))) as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4)]
-    for name, part in (("train.jsonl", rows), ("eval.jsonl", rows[:3])):
-        (d / name).write_text("\n".join(json.dumps(r) for r in part) + "\n")
-    return d / "train.jsonl", d / "eval.jsonl"
 
 
 def lora_model(model_dir: Path, rank: int = 8, random_b: bool = False):

@@ -23,32 +23,9 @@ pytestmark = pytest.mark.numeric  # compares floating-point results (see `make t
 
 
 @pytest.fixture(scope="module")
-def student_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A smaller student sharing the teacher's tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("student"), hidden_size=64, num_layers=1, num_heads=1,
-                            intermediate_size=128, seed=3, tokenizer_dir=tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def teacher_url(tiny_model_dir):
-    with LiveServer(create_app(teacher_settings(tiny_model_dir, "hf", batch_wait_ms=0))) as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
 def ref_url(student_dir):
     with LiveServer(create_app(teacher_settings(student_dir, "hf"))) as server:
         yield server.url
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("data")
-    train_rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 4)]
-    eval_rows = [{"prompt": f"{a} + {a} =", "answer": str(2 * a)} for a in range(1, 4)]
-    for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
-        (d / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return d / "train.jsonl", d / "eval.jsonl"
 
 
 REQUIRED_KEYS = [
