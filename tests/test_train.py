@@ -241,3 +241,13 @@ def test_token_budget_micro_batches_give_the_same_update(student_dir, teacher_ur
         # cancel (tests/helpers.py's adam_weight_tol: lr 1e-3, 2 steps)
         tol = adam_weight_tol(1e-3, 2, float(a[k].abs().max()))
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
+
+
+def test_vllm_engine_without_vllm_installed_is_refused_before_anything_loads(student_dir, data_files, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cfg = make_cfg(student_dir, "http://127.0.0.1:1", data_files, tmp_path, "rollout.engine=vllm")
+    with pytest.raises(ConfigError, match=r"pip install 'aopd\[vllm\]'"):
+        train(cfg)
