@@ -111,6 +111,14 @@ class ModelSection(_Section):
     )
 
 
+class TeacherEndpoint(_Section):
+    """One of several named teachers (teacher.teachers.<name>)."""
+
+    url: str = Field(description="This teacher's endpoint; several replicas comma-separated.")
+    top_k: int | None = Field(None, ge=1, description="Its top-k (default: teacher.top_k).")
+    api_key: str | None = Field(None, description="Its bearer token (default: teacher.api_key / TEACHER_API_KEY).")
+
+
 class TeacherSection(_Section):
     url: str | None = Field(
         None, description="Teacher endpoint, e.g. http://teacher:8000; several replicas comma-separated "
@@ -139,6 +147,11 @@ class TeacherSection(_Section):
         "rollouts are kept meanwhile)."
     )
     api_key: str | None = Field(None, description="Bearer token (default: TEACHER_API_KEY from the environment).")
+    teachers: dict[str, TeacherEndpoint] | None = Field(
+        None, description="Several named teachers instead of teacher.url, e.g. {math: {url: http://t1:8000}, code: "
+        "{url: http://t2:8000, top_k: 16}}; data.teacher_field names the teacher of each prompt. All must share the "
+        "student's tokenizer. Metrics per teacher: teacher/<name>/latency_ms, .../loss/div, .../aopd/intervention_ratio.",
+    )
     ca_file: str | None = Field(
         None, description="https teachers: verify the certificate against this CA (PEM) instead of the system's "
         "trust store. A certificate that does not verify stops the run at once with the reason.",
@@ -153,6 +166,10 @@ class DataSection(_Section):
     apply_chat_template: bool | None = Field(None, description="None: apply when the tokenizer has a chat template.")
     system_prompt: str | None = Field(None, description="System message put before each prompt by the chat template.")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems only.")
+    teacher_field: str | None = Field(
+        None, description="With teacher.teachers: the field of each training record naming its teacher (required "
+        "with two or more teachers; every record must name one of them).",
+    )
 
 
 class RolloutSection(_Section):
@@ -257,8 +274,24 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.teacher.url is None:
+        named = self.teacher.teachers
+        if self.teacher.url is None and not named:
             raise ValueError("teacher.url is required: the teacher endpoint that scores (or, for seqkd, writes) rollouts")
+        if named is not None:
+            if self.teacher.url is not None:
+                raise ValueError("teacher.url and teacher.teachers both set: list every teacher under teacher.teachers")
+            if not named:
+                raise ValueError("teacher.teachers is empty: name at least one teacher, e.g. {main: {url: ...}}")
+            bad = [n for n in named if not n or not all(c.isalnum() or c in "-_" for c in n)]
+            if bad:
+                raise ValueError(f"teacher.teachers names {bad}: use letters, digits, - and _ (they go into metric names)")
+            if len(named) > 1 and self.data.teacher_field is None:
+                raise ValueError(f"teacher.teachers has {len(named)} teachers ({', '.join(named)}): set data.teacher_field "
+                                 "to the field of each record that names its teacher")
+            if len(named) > 1 and self.loss.mode == "seqkd":
+                raise ValueError("loss.mode=seqkd samples from one teacher: give teacher.url (or one teacher.teachers entry)")
+        elif self.data.teacher_field is not None:
+            raise ValueError("data.teacher_field routes prompts to teacher.teachers, which is not set")
         if self.loss.mode != "seqkd":
             self.loss.loss_config()  # LossConfig's own validation, with its messages
         if self.loss.mode == "exopd" and self.teacher.ref_url is None and self.model.lora is None:

@@ -32,7 +32,7 @@ import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +141,16 @@ def topk_entropy(topk_logprobs_NK: np.ndarray) -> np.ndarray:
     return -(np.exp(lp) * lp).sum(axis=1)
 
 
-def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N) -> list[str]:
-    """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy."""
+def rollout_lines(step: int, rollouts, problems, correct, mask_N, adv_N, teacher_ent_N, teacher_names=None) -> list[str]:
+    """One JSON line per rollout of a step, with its per-token mask, advantage and teacher top-k entropy (and,
+    with several teachers, the name of the one that scored it)."""
     offsets = np.cumsum([0] + [len(r.completion_ids) for r in rollouts])
     lines = []
     for i, (r, ok) in enumerate(zip(rollouts, correct, strict=True)):
         a, b = offsets[i], offsets[i + 1]
         lines.append(json.dumps({
             "step": step, "prompt_index": problems[r.prompt_index].index, "answer": problems[r.prompt_index].answer,
+            **({"teacher": teacher_names[i]} if teacher_names is not None else {}),
             "correct": bool(ok), "completion_ids": r.completion_ids, "mask": mask_N[a:b].astype(int).tolist(),
             "advantage": np.round(adv_N[a:b], 4).tolist(), "teacher_topk_entropy": np.round(teacher_ent_N[a:b], 4).tolist(),
         }) + "\n")
@@ -253,13 +255,17 @@ class StepBatch:
     teacher_s: float = 0.0  # summed latency of the scoring requests
     requests: int = 0  # scoring requests sent
     outage_s: float = 0.0  # time spent waiting out teacher outages
+    teacher_names: list[str] | None = None  # several teachers: which one scored each rollout
+    teacher_s_by: dict[str, float] = field(default_factory=dict)  # several teachers: latency and requests per teacher
+    requests_by: dict[str, int] = field(default_factory=dict)
 
     def select(self, idx: np.ndarray) -> StepBatch:
         """The rollouts at `idx`, in that order."""
         def pick(xs):
             return None if xs is None else [xs[i] for i in idx]
 
-        return StepBatch(pick(self.rollouts), pick(self.teacher), pick(self.ref_logprobs), pick(self.correct))
+        return StepBatch(pick(self.rollouts), pick(self.teacher), pick(self.ref_logprobs), pick(self.correct),
+                         teacher_names=pick(self.teacher_names))
 
     @property
     def n_tokens(self) -> int:
@@ -276,6 +282,17 @@ def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> Ste
     generated (or all at once after generation with rollout.stream=false)."""
     cfg = run.cfg
     t_gen, futures, held = 0.0, [], []
+
+    def submit(rollouts: list[Rollout]) -> None:  # to each rollout's own teacher
+        if len(run.scorers) == 1:
+            futures.append((run.default_teacher, run.scorer.submit(rollouts)))
+            return
+        names = [problems[r.prompt_index].raw[cfg.data.teacher_field] for r in rollouts]
+        for name in run.scorers:
+            part = [r for r, n in zip(rollouts, names, strict=True) if n == name]
+            if part:
+                futures.append((name, run.scorers[name].submit(part)))
+
     show = cfg.train.progress and run.ranks.main and len(run.chunks) >= 4
     for ci, start, stop in tqdm(run.chunks, desc=f"rollout {step}", leave=False, disable=not show):
         chunk = problems[start:stop]  # this rank's share; prompt_index below indexes the whole step
@@ -287,16 +304,22 @@ def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> Ste
         for r in rollouts:
             r.prompt_index += start
         if cfg.rollout.stream:
-            futures.append(run.scorer.submit(rollouts))
+            submit(rollouts)
         else:
             held += rollouts
         t_gen += time.perf_counter() - t0
     if not cfg.rollout.stream:
-        futures.append(run.scorer.submit(held))
+        submit(held)
     t_wait0 = time.perf_counter()
-    scored = [f.result() for f in futures]
+    named = [(name, f.result()) for name, f in futures]
+    scored = [s for _, s in named]
     t_wait = time.perf_counter() - t_wait0
     rollouts = [r for s in scored for r in s.rollouts]
+    several = len(run.scorers) > 1
+    teacher_s_by, requests_by = dict.fromkeys(run.scorers, 0.0), dict.fromkeys(run.scorers, 0)
+    for name, s in named:
+        teacher_s_by[name] += s.latency_s
+        requests_by[name] += 1
     return StepBatch(
         rollouts=rollouts,
         teacher=[row for s in scored for row in s.teacher],
@@ -304,6 +327,8 @@ def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> Ste
         correct=verify(run, problems, rollouts),
         generate_s=t_gen, score_wait_s=t_wait, teacher_s=sum(s.latency_s for s in scored), requests=len(futures),
         outage_s=sum(s.outage_s for s in scored),
+        teacher_names=[name for name, s in named for _ in s.rollouts] if several else None,
+        teacher_s_by=teacher_s_by, requests_by=requests_by,
     )
 
 
@@ -460,6 +485,11 @@ class UpdateResult:
     grad_norm: float
     advantage_N: np.ndarray | None = None  # this rank's, per-token distillation only
     mask_N: np.ndarray | None = None
+    per_teacher: dict[str, float] = field(default_factory=dict)  # several teachers: sums by teacher, over ranks
+
+
+# Summed per teacher when there are several (besides its tokens, latency and requests); divided by its tokens.
+PER_TEACHER_SUMS = ("loss/total", "loss/div", "aopd/intervention_ratio", "tokens", "latency_s", "requests")
 
 
 def update(run: Run, batch: StepBatch) -> UpdateResult:
@@ -467,7 +497,15 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
     counts, and multiplied by the world size because FSDP averages the ranks' gradients."""
     cfg, ranks = run.cfg, run.ranks
     lengths_b = np.array([len(r.token_ids) for r in batch.rollouts])
-    groups = micro_batch_groups(lengths_b, cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
+    names_b = np.array(batch.teacher_names) if batch.teacher_names is not None else None
+    if names_b is None:
+        groups = micro_batch_groups(lengths_b, cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens)
+    else:  # one teacher per micro-batch: its top-k width, and its own metrics
+        groups = []
+        for name in run.scorers:
+            idx = np.flatnonzero(names_b == name)
+            groups += [idx[g] for g in micro_batch_groups(lengths_b[idx], cfg.optim.micro_batch_size,
+                                                          cfg.optim.micro_batch_tokens)]
     groups = split_to(groups, int(ranks.max(len(groups))))
     counts = ranks.sum({
         "tokens": batch.n_tokens, "seqs": len(batch.rollouts), "finished": sum(r.finished for r in batch.rollouts),
@@ -476,6 +514,11 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
         "padded_tokens": sum(len(g) * int(lengths_b[g].max()) for g in groups),
     })
     sums: dict[str, float] = {}
+    several = len(run.scorers) > 1 and batch.teacher is not None
+    per_teacher = {f"teacher/{n}/{k}": 0.0 for n in run.scorers for k in PER_TEACHER_SUMS} if several else {}
+    for n in run.scorers if per_teacher else ():
+        per_teacher[f"teacher/{n}/latency_s"] = batch.teacher_s_by.get(n, 0.0)
+        per_teacher[f"teacher/{n}/requests"] = batch.requests_by.get(n, 0)
     advantages: list[torch.Tensor | None] = [None] * len(batch.rollouts)  # per rollout, back in rollout order
     masks: list[torch.Tensor | None] = [None] * len(batch.rollouts)
     dropout = cfg.model.lora is not None and cfg.model.lora.dropout > 0
@@ -488,6 +531,10 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
         names = sorted(out.metric_sums)  # one device sync per micro-batch; float64 sums across them
         for k, v in zip(names, torch.stack([out.metric_sums[k] for k in names]).tolist(), strict=True):
             sums[k] = sums.get(k, 0.0) + v
+            if per_teacher and k in PER_TEACHER_SUMS:
+                per_teacher[f"teacher/{names_b[idx[0]]}/{k}"] += v
+        if per_teacher:
+            per_teacher[f"teacher/{names_b[idx[0]]}/tokens"] += float(seq_len_b.sum())
         if out.advantage_N is not None:
             split = seq_len_b.astype(np.int64).tolist()
             for i, a, m in zip(idx, out.advantage_N.detach().float().cpu().split(split),
@@ -501,6 +548,7 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
     return UpdateResult(
         ranks.sum(sums), counts, grad_norm,
         torch.cat(advantages).numpy() if per_token else None, torch.cat(masks).numpy() if per_token else None,
+        ranks.sum(per_teacher) if per_teacher else {},
     )
 
 
@@ -517,8 +565,8 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
     if result.advantage_N is not None:
         ent_N = np.concatenate([topk_entropy(t.topk_logprobs) for t in batch.teacher])
         dumping = cfg.train.dump_rollouts_every and step % cfg.train.dump_rollouts_every == 0
-        lines = (rollout_lines(step, batch.rollouts, problems, batch.correct, result.mask_N, result.advantage_N, ent_N)
-                 if dumping else [])
+        lines = (rollout_lines(step, batch.rollouts, problems, batch.correct, result.mask_N, result.advantage_N, ent_N,
+                               batch.teacher_names) if dumping else [])
         local = (result.advantage_N, result.mask_N, ent_N, lines)
     gathered = run.ranks.gather(local)
     step_s = time.perf_counter() - t_step
@@ -567,6 +615,12 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         # this process's peak resident host memory so far (Linux reports KiB)
         "memory/host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
+    for n in run.scorers if result.per_teacher else ():
+        pt = {k: result.per_teacher[f"teacher/{n}/{k}"] for k in PER_TEACHER_SUMS}
+        for k in ("loss/total", "loss/div", "aopd/intervention_ratio"):
+            record[f"teacher/{n}/{k}"] = pt[k] / max(pt["tokens"], 1)
+        record[f"teacher/{n}/tokens"] = pt["tokens"]
+        record[f"teacher/{n}/latency_ms"] = 1000 * pt["latency_s"] / max(pt["requests"], 1)
     if run.device.type == "cuda":
         record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
     run.log(record)
@@ -682,13 +736,16 @@ class Run:
     eval_problems: list[Problem]
     prompts: PromptSampler
     chunks: list[tuple[int, int, int]]  # this rank's (chunk index, start, stop) of each step's prompts
-    teacher: TeacherClient | TeacherPool
+    teacher: TeacherClient | TeacherPool  # the default (first) teacher: seqkd's, and the only one usually
     ref: TeacherClient | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int
     generator: Generator
     scorer: StreamingScorer
+    teachers: dict[str, TeacherClient | TeacherPool] = field(default_factory=dict)  # by name (teacher.teachers)
+    scorers: dict[str, StreamingScorer] = field(default_factory=dict)
+    default_teacher: str = "default"
     metrics_file: Any = None  # rank 0 only
     tb: Any = None
 
@@ -702,11 +759,36 @@ class Run:
 
     def close(self) -> None:
         self.generator.close()
-        self.scorer.close()
-        self.teacher.close()
+        for scorer in self.scorers.values() or [self.scorer]:
+            scorer.close()
+        for client in self.teachers.values() or [self.teacher]:
+            client.close()
         for part in (self.ref, self.metrics_file, self.tb):
             if part is not None:
                 part.close()
+
+
+def teacher_endpoints(cfg: RunConfig) -> dict[str, tuple[str, int, str | None]]:
+    """(url list, top-k, api key) by teacher name; one teacher named "default" without teacher.teachers."""
+    t = cfg.teacher
+    if t.teachers is None:
+        return {"default": (t.url, t.top_k, t.api_key)}
+    return {n: (e.url, e.top_k or t.top_k, e.api_key if e.api_key is not None else t.api_key) for n, e in t.teachers.items()}
+
+
+def check_routing(cfg: RunConfig, problems: list[Problem], names: list[str]) -> None:
+    """Every training record names one of the teachers (several teachers only): refused before anything loads."""
+    if len(names) == 1:
+        return
+    field_name = cfg.data.teacher_field
+    missing = [p.index for p in problems if p.raw.get(field_name) is None]
+    if missing:
+        raise ConfigError(f"data.teacher_field={field_name!r}: {len(missing)} records of {cfg.data.train_path} have no such "
+                          f"field (rows {missing[:5]}); give every record one of {names}, or set data.teacher_field")
+    unknown = sorted({str(p.raw[field_name]) for p in problems} - set(names))
+    if unknown:
+        raise ConfigError(f"data.teacher_field={field_name!r} names teachers {unknown[:5]} that teacher.teachers does not "
+                          f"define (it has {names}): fix the data or add them to teacher.teachers")
 
 
 def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> Run:
@@ -758,6 +840,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     train_problems = load_problems(cfg.data.train_path, tokenizer, **problem_kw)
     eval_problems = (load_problems(cfg.data.eval_path, tokenizer, **problem_kw, limit=cfg.data.eval_limit)
                      if cfg.data.eval_path else [])
+    endpoints = teacher_endpoints(cfg)
+    check_routing(cfg, train_problems, list(endpoints))
     prompts = PromptSampler(train_problems, seed=cfg.train.seed)
     longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
 
@@ -812,20 +896,25 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding, protocol=cfg.teacher.protocol,
         ca_file=cfg.teacher.ca_file,
     )
-    urls = [u.strip() for u in cfg.teacher.url.split(",") if u.strip()]
-    teacher = TeacherClient(urls[0], **client_kw) if len(urls) == 1 else TeacherPool(urls, **client_kw)
-    wait_for_teacher(teacher, cfg.teacher.startup_wait_s)
-    info = teacher.connect(
-        tokenizer=tokenizer, vocab_size=vocab, top_k=None if cfg.loss.mode == "seqkd" else cfg.teacher.top_k,
-        max_seq_len=longest,
-    )
+    teachers: dict[str, TeacherClient | TeacherPool] = {}
+    for name, (url, top_k, api_key) in endpoints.items():  # every one handshaken now: reachable and compatible
+        urls = [u.strip() for u in url.split(",") if u.strip()]
+        kw = {**client_kw, "api_key": api_key}
+        teachers[name] = TeacherClient(urls[0], **kw) if len(urls) == 1 else TeacherPool(urls, **kw)
+        wait_for_teacher(teachers[name], cfg.teacher.startup_wait_s, "teacher" if len(endpoints) == 1 else f"teacher {name}")
+        info = teachers[name].connect(tokenizer=tokenizer, vocab_size=vocab,
+                                      top_k=None if cfg.loss.mode == "seqkd" else top_k, max_seq_len=longest)
+        if len(endpoints) > 1:
+            logger.info("teacher %s: %s (%s, engine %s), top-k %d", name, url, info.model, info.engine, top_k)
+    default = next(iter(endpoints))
+    teacher = teachers[default]
     ref = None
     if cfg.loss.mode == "exopd" and cfg.teacher.ref_url is not None:  # (LoRA without one: the base, in-process)
         ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
         wait_for_teacher(ref, cfg.teacher.startup_wait_s, "reference endpoint")
         ref.connect(tokenizer=tokenizer, vocab_size=vocab, max_seq_len=longest)
     logger.info("teacher %s (%s, engine %s) ready; student %s on %s",
-                cfg.teacher.url, info.model, info.engine, model_path, device)
+                ", ".join(e[0] for e in endpoints.values()), info.model, info.engine, model_path, device)
 
     # ---- optimizer, and the resumed state
     optimizer = torch.optim.AdamW(
@@ -868,11 +957,12 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     if lora is not None and cfg.rollout.engine == "vllm":
         generator.after_update(weights)  # the engine serves the base; from here on it samples with the adapter
 
+    scorers = {n: StreamingScorer(c, ref, endpoints[n][1], cfg.teacher.outage_timeout_s) for n, c in teachers.items()}
     run = Run(
         cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, peft=peft_model,
         policy=policy, weights=weights, eval_problems=eval_problems, prompts=prompts, chunks=chunks,
         teacher=teacher, ref=ref, optimizer=optimizer, scheduler=scheduler, start_step=start_step, generator=generator,
-        scorer=StreamingScorer(teacher, ref, cfg.teacher.top_k, cfg.teacher.outage_timeout_s),
+        scorer=scorers[default], teachers=teachers, scorers=scorers, default_teacher=default,
     )
     if ranks.main:
         run.metrics_file = open(run_dir / "metrics.jsonl", "a")

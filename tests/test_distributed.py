@@ -305,3 +305,31 @@ def test_bfloat16_lora_keeps_a_bfloat16_base_and_float32_adapters_in_one_and_two
     adapter = sum(v.numel() for v in lora_adapter(one, 2).values())
     assert steps(one)[0]["memory/weights_mib"] == pytest.approx((2 * base + 4 * adapter) / 2**20, rel=1e-9)
     assert steps(two)[0]["loss/total"] == pytest.approx(steps(one)[0]["loss/total"], rel=1e-2)
+
+
+@pytest.fixture(scope="module")
+def two_teachers(setup, tiny_model_dir):
+    d = setup["dir"]
+    other = build_tiny_model(d / "teacher2", seed=7, tokenizer_dir=tiny_model_dir)
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b), "teacher": "math" if b % 2 else "code"}
+            for a in range(1, 7) for b in range(1, 4)]
+    (d / "routed.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with LiveServer(create_app(teacher_settings(other, "hf", batch_wait_ms=0))) as server:
+        yield ["teacher.url=null", f"data.train_path={d / 'routed.jsonl'}", "data.teacher_field=teacher",
+               f"teacher.teachers={{math: {{url: '{setup['url']}'}}, code: {{url: '{server.url}', top_k: 4}}}}"]
+
+
+def test_two_teachers_on_two_ranks_match_one_process_and_resume(setup, two_teachers):
+    """Per-teacher micro-batches and metrics are summed over ranks under the same names on every rank."""
+    one, two, split = (setup["dir"] / n for n in ("teachers_one", "teachers_two", "teachers_split"))
+    run(write_config(setup, one, *two_teachers), 1)
+    run(write_config(setup, two, *two_teachers), 2)
+    for ra, rb in zip(steps(one), steps(two), strict=True):
+        for k in ("loss/total", "teacher/math/loss/div", "teacher/code/loss/div", "teacher/math/aopd/intervention_ratio",
+                  "teacher/code/tokens", "optim/grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=LOSS_TOL, abs=1e-7), k
+        assert ra["teacher/math/tokens"] > 0 and ra["teacher/code/tokens"] > 0
+    assert_weights_close(weights(one, 2), weights(two, 2))
+    run(write_config(setup, split, *two_teachers, "train.stop_after_steps=1"), 2)
+    run(write_config(setup, split, *two_teachers), 1, "--resume")
+    assert_weights_close(weights(one, 2), weights(split, 2))

@@ -251,3 +251,59 @@ def test_vllm_engine_without_vllm_installed_is_refused_before_anything_loads(stu
     cfg = make_cfg(student_dir, "http://127.0.0.1:1", data_files, tmp_path, "rollout.engine=vllm")
     with pytest.raises(ConfigError, match=r"pip install 'aopd\[vllm\]'"):
         train(cfg)
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tiny_model_dir, tmp_path_factory):
+    """Another teacher with the same tokenizer and other weights: its distributions differ from the first's."""
+    d = build_tiny_model(tmp_path_factory.mktemp("teacher2"), seed=7, tokenizer_dir=tiny_model_dir)
+    with LiveServer(create_app(teacher_settings(d, "hf", batch_wait_ms=0))) as server:
+        yield server.url
+
+
+def _scored_sequences(url: str) -> float:
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("aopd_teacher_sequences_scored_total"))
+
+
+def test_two_teachers_each_score_their_own_prompts(student_dir, teacher_url, second_teacher, tmp_path):
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b), "teacher": "math" if a % 2 else "code"}
+            for a in range(1, 7) for b in range(1, 4)]
+    data = tmp_path / "routed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    teachers = f"teacher.teachers={{math: {{url: '{teacher_url}'}}, code: {{url: '{second_teacher}', top_k: 4}}}}"
+    before = {u: _scored_sequences(u) for u in (teacher_url, second_teacher)}
+    overrides = [f"model.path={student_dir}", teachers, "teacher.top_k=8", f"data.train_path={data}",
+                 "data.teacher_field=teacher", "data.apply_chat_template=false", "rollout.prompts_per_step=4",
+                 "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "rollout.stream_chunk_prompts=2",
+                 "optim.micro_batch_size=3", "train.steps=2", f"train.run_dir={tmp_path / 'run'}", "train.progress=false",
+                 "train.dump_rollouts_every=1", "loss.mode=aopd"]
+    train(load_config(None, overrides))
+    dumped = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(dumped) == 16
+    by_row = {i: r["teacher"] for i, r in enumerate(rows)}
+    assert all(d["teacher"] == by_row[d["prompt_index"]] for d in dumped)  # each rollout scored by its prompt's teacher
+    # ... as each server saw: the sequences it scored are exactly the rollouts routed to it
+    routed = {"math": sum(d["teacher"] == "math" for d in dumped), "code": sum(d["teacher"] == "code" for d in dumped)}
+    assert _scored_sequences(teacher_url) - before[teacher_url] == routed["math"]
+    assert _scored_sequences(second_teacher) - before[second_teacher] == routed["code"]
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in steps:
+        used = [n for n in ("math", "code") if r[f"teacher/{n}/tokens"] > 0]
+        assert sum(r[f"teacher/{n}/tokens"] for n in ("math", "code")) == pytest.approx(r["rollout/len_mean"] * 8)
+        for n in used:
+            assert r[f"teacher/{n}/latency_ms"] > 0 and 0 <= r[f"teacher/{n}/aopd/intervention_ratio"] <= 1
+    # bad routing data is refused before training, naming the fix
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2", "teacher": "physics"}) + "\n")
+    with pytest.raises(ConfigError, match=r"\['physics'\].*teacher.teachers"):
+        train(load_config(None, [*overrides, f"data.train_path={bad}"]))
+    bad.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    with pytest.raises(ConfigError, match="have no such field"):
+        train(load_config(None, [*overrides, f"data.train_path={bad}"]))
+    with pytest.raises(ConfigError, match="set data.teacher_field"):
+        load_config(None, [o for o in overrides if not o.startswith("data.teacher_field")])
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(None, [*overrides, f"teacher.url={teacher_url}"])
