@@ -736,16 +736,14 @@ class Run:
     eval_problems: list[Problem]
     prompts: PromptSampler
     chunks: list[tuple[int, int, int]]  # this rank's (chunk index, start, stop) of each step's prompts
-    teacher: TeacherClient | TeacherPool  # the default (first) teacher: seqkd's, and the only one usually
+    teachers: dict[str, TeacherClient | TeacherPool]  # by name; one, "default", without teacher.teachers
     ref: TeacherClient | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int
     generator: Generator
-    scorer: StreamingScorer
-    teachers: dict[str, TeacherClient | TeacherPool] = field(default_factory=dict)  # by name (teacher.teachers)
-    scorers: dict[str, StreamingScorer] = field(default_factory=dict)
-    default_teacher: str = "default"
+    scorers: dict[str, StreamingScorer]  # one per teacher, same names
+    default_teacher: str = "default"  # the first: seqkd's, and usually the only one
     metrics_file: Any = None  # rank 0 only
     tb: Any = None
 
@@ -757,11 +755,19 @@ class Run:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
+    @property
+    def teacher(self) -> TeacherClient | TeacherPool:
+        return self.teachers[self.default_teacher]
+
+    @property
+    def scorer(self) -> StreamingScorer:
+        return self.scorers[self.default_teacher]
+
     def close(self) -> None:
         self.generator.close()
-        for scorer in self.scorers.values() or [self.scorer]:
+        for scorer in self.scorers.values():
             scorer.close()
-        for client in self.teachers.values() or [self.teacher]:
+        for client in self.teachers.values():
             client.close()
         for part in (self.ref, self.metrics_file, self.tb):
             if part is not None:
@@ -907,7 +913,6 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         if len(endpoints) > 1:
             logger.info("teacher %s: %s (%s, engine %s), top-k %d", name, url, info.model, info.engine, top_k)
     default = next(iter(endpoints))
-    teacher = teachers[default]
     ref = None
     if cfg.loss.mode == "exopd" and cfg.teacher.ref_url is not None:  # (LoRA without one: the base, in-process)
         ref = TeacherClient(cfg.teacher.ref_url, **client_kw)
@@ -961,8 +966,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     run = Run(
         cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, peft=peft_model,
         policy=policy, weights=weights, eval_problems=eval_problems, prompts=prompts, chunks=chunks,
-        teacher=teacher, ref=ref, optimizer=optimizer, scheduler=scheduler, start_step=start_step, generator=generator,
-        scorer=scorers[default], teachers=teachers, scorers=scorers, default_teacher=default,
+        teachers=teachers, ref=ref, optimizer=optimizer, scheduler=scheduler, start_step=start_step, generator=generator,
+        scorers=scorers, default_teacher=default,
     )
     if ranks.main:
         run.metrics_file = open(run_dir / "metrics.jsonl", "a")
