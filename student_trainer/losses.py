@@ -384,16 +384,20 @@ class _ChunkBuffers:
     and lp_S(y) with it, which is the quantity AOPD's mask and the importance ratio are decided on. On CUDA the
     matmul writes float32 directly (`torch.mm(..., out_dtype=torch.float32)`, float32 accumulation as before);
     elsewhere, where that kernel does not exist, the inputs are upcast (bfloat16 -> float32 is exact), with one
-    float32 copy of the weight per forward / backward. `lowp_CV` holds the gradient cast back to the weight's
-    dtype in backward.
+    float32 copy of the weight per forward / backward. Backward works the same way: on CUDA `lowp_CV` holds
+    grad_z cast to the weight's dtype for the two tensor-core matmuls, and the weight gradient is accumulated
+    by `addmm(..., out_dtype=float32)` straight into its float32 sum; elsewhere both matmuls run in float32 on
+    the float32 grad_z. Either way no [V, D] temporary is made per chunk, and no chunk's weight gradient is
+    rounded to the weight's dtype before it is summed.
     """
 
     def __init__(self, rows: int, weight_VD: torch.Tensor, dtype: torch.dtype, n_work: int) -> None:
         shape = (rows, weight_VD.shape[0])
         self.work_CV = [weight_VD.new_empty(shape, dtype=dtype) for _ in range(n_work)]
         self.lowp = weight_VD.dtype != dtype
-        self.lowp_CV = weight_VD.new_empty(shape) if self.lowp else None
-        self.weight_hi_VD = weight_VD.to(dtype) if self.lowp and weight_VD.device.type != "cuda" else None
+        cuda = weight_VD.device.type == "cuda"
+        self.lowp_CV = weight_VD.new_empty(shape) if self.lowp and cuda else None
+        self.weight_hi_VD = weight_VD.to(dtype) if self.lowp and not cuda else None
 
     def logits(self, hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
         """z = h W^T of one chunk in the compute dtype (float32 output, see above), in the first work buffer,
@@ -406,9 +410,26 @@ class _ChunkBuffers:
             return z_CV.copy_(torch.mm(hidden_CD, weight_VD.T, out_dtype=z_CV.dtype))
         return torch.mm(hidden_CD.to(z_CV.dtype), self.weight_hi_VD.T, out=z_CV)
 
-    def to_weight_dtype(self, x_CV: torch.Tensor) -> torch.Tensor:
-        """x cast to the weight's dtype (a no-op without a low precision buffer)."""
-        return x_CV if self.lowp_CV is None else self.lowp_CV[: x_CV.shape[0]].copy_(x_CV)
+    def backward_matmuls(self, grad_z_CV, hidden_CD, weight_VD, grad_hidden_CD, grad_weight_VD) -> None:
+        """grad_h = grad_z W into `grad_hidden_CD` (if given) and grad_W += grad_z^T h into the float32 (or
+        float64) sum `grad_weight_VD` (if given); grad_z is this chunk's gradient in the compute dtype."""
+        if not self.lowp:
+            if grad_hidden_CD is not None:
+                torch.mm(grad_z_CV, weight_VD, out=grad_hidden_CD)
+            if grad_weight_VD is not None:
+                grad_weight_VD.addmm_(grad_z_CV.T, hidden_CD)
+        elif self.weight_hi_VD is None:  # CUDA: low precision operands, float32 accumulation and output
+            grad_z_lo_CV = self.lowp_CV[: grad_z_CV.shape[0]].copy_(grad_z_CV)
+            if grad_hidden_CD is not None:
+                torch.mm(grad_z_lo_CV, weight_VD, out=grad_hidden_CD)
+            if grad_weight_VD is not None:
+                torch.addmm(grad_weight_VD, grad_z_lo_CV.T, hidden_CD, out_dtype=grad_weight_VD.dtype,
+                            out=grad_weight_VD)
+        else:  # no such kernel: float32 operands ([C, D] upcasts only; the weight's copy is kept from forward)
+            if grad_hidden_CD is not None:
+                grad_hidden_CD.copy_(torch.mm(grad_z_CV, self.weight_hi_VD))
+            if grad_weight_VD is not None:
+                grad_weight_VD.addmm_(grad_z_CV.T, hidden_CD.to(grad_z_CV.dtype))
 
 
 class _ChunkedLogitStats(torch.autograd.Function):
@@ -477,14 +498,8 @@ class _ChunkedLogitStats(torch.autograd.Function):
             grad_z_CV.mul_(g_lse_N[start:stop, None])
             grad_z_CV.scatter_add_(1, sampled_ids_N[start:stop, None], g_sampled_N[start:stop, None])
             grad_z_CV.scatter_add_(1, support_ids_NK[start:stop], g_support_NK[start:stop])
-            grad_z_CV = buffers.to_weight_dtype(grad_z_CV)
-            if need_hidden:
-                torch.mm(grad_z_CV, weight_VD, out=grad_hidden_ND[start:stop])
-            if need_weight:
-                if grad_weight_VD.dtype == grad_z_CV.dtype:
-                    grad_weight_VD.addmm_(grad_z_CV.T, hidden_CD)
-                else:
-                    grad_weight_VD.add_(grad_z_CV.T @ hidden_CD)
+            buffers.backward_matmuls(grad_z_CV, hidden_CD, weight_VD,
+                                     grad_hidden_ND[start:stop] if need_hidden else None, grad_weight_VD)
         del buffers
         if grad_weight_VD is not None:
             grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)

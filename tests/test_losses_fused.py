@@ -204,6 +204,29 @@ def test_bfloat16_logits_are_computed_in_float32():
     torch.testing.assert_close(fused[2].float(), naive[2].float(), rtol=5e-2, atol=5e-2)
 
 
+def test_bfloat16_gradients_are_summed_in_float32():
+    """A bfloat16 model's gradients: each chunk's weight gradient is added into a float32 sum (no per-chunk
+    bfloat16 product), and the hidden states' gradient is a float32 product rounded once. So each element
+    sits within one bfloat16 rounding (half an ulp: at most 2**-8 of the value) of the float64 gradient of the
+    same loss, plus float32 noise of the largest contribution. The naive bfloat16 path, which rounds its
+    products and sums, does not."""
+    n, d, v, k = 40, 16, 64, 5
+    inputs = make_inputs(n, d, v, k, seed=11, dtype=torch.bfloat16)
+    cfg = LossConfig(mode="aopd", beta=0.5, chunk_size=6)  # 7 chunks
+    naive, fused = both_paths(inputs, cfg)
+    hidden = inputs["hidden_ND"].double().requires_grad_()
+    weight = inputs["weight_VD"].double().requires_grad_()
+    exact = token_losses(hidden @ weight.T, *inputs["teacher"], cfg, **inputs["kwargs"])
+    assert torch.equal(exact.mask_N, fused[0].mask_N)
+    (exact.loss_N * torch.linspace(0.5, 1.5, n).double()).sum().backward()
+    def beyond_one_rounding(got, want):
+        return ((got.double() - want).abs() - (2.0**-8 * want.abs() + 1e-5 * want.abs().max())).max()
+
+    assert beyond_one_rounding(fused[1], hidden.grad) <= 0
+    assert beyond_one_rounding(fused[2], weight.grad) <= 0
+    assert beyond_one_rounding(naive[2], weight.grad) > 0  # so the bound can tell the two apart
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any aten op produces."""
 
