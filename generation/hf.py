@@ -1,4 +1,5 @@
-"""Batched sampling with transformers `generate`: n samples per prompt, left padding, cut at the first EOS.
+"""Batched sampling with transformers `generate`: n samples per prompt, left padding, cut at the first EOS; and
+`load_causal_lm`, how both the trainer and the hf teacher read a model.
 
     samples = sample(model, tokenizer, prompts, n=4, max_new_tokens=256, temperature=1.0, seed=0)
     samples[0].completion_ids, samples[0].logprobs, samples[0].finished, samples[0].prompt_index
@@ -16,6 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device | None = None, meta: bool = False) -> torch.nn.Module:
+    """A Hugging Face causal LM from `path`: read from disk straight onto `device` (a GPU: no host copy of the
+    weights; None or a CPU: the host), or, with `meta`, built from its config alone on the meta device (no
+    storage: its weights come later from rank 0, see student_trainer.parallel.fill_from_rank0). Loading onto a
+    GPU goes through transformers' `device_map` (accelerate), one tensor at a time from the safetensors mmap."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if not meta:
+        on_device = device is not None and device.type != "cpu"
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"device_map": {"": device}} if on_device else {}))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    try:  # what from_pretrained would read, so that sampling defaults do not depend on the rank
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    return model
 
 
 @dataclass

@@ -32,10 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
 
+from generation.hf import load_causal_lm
 from student_trainer.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -218,6 +220,43 @@ def shard(policy: Policy, ranks: Ranks, device: torch.device, compute_dtype: tor
     fully_shard(policy, mesh=mesh, mp_policy=mp)
 
 
+def full_state_before_sharding(policy: Policy) -> dict[str, torch.Tensor]:
+    """Rank 0's full state under the names `set_model_state_dict` expects (references, no copy)."""
+    return get_model_state_dict(policy)
+
+
+@torch.no_grad()
+def fill_from_rank0(policy: Policy, ranks: Ranks, device: torch.device, state: dict[str, torch.Tensor] | None) -> None:
+    """After `shard`: the ranks whose model was built on the meta device (every rank but 0) get storage on
+    `device`, then each rank's shards are filled from rank 0's full `state` (one broadcast per tensor; rank 0
+    alone ever holds the full model on its host), and the buffers the state dict does not hold (rotary
+    frequencies, ...) are broadcast from rank 0. Collective."""
+    if not ranks.main:
+        policy.to_empty(device=device)
+    set_model_state_dict(policy, state if ranks.main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for _, buf in sorted(policy.named_buffers()):
+        dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def build_replica(policy: Policy, path: str, dtype: torch.dtype, device: torch.device, lora=None) -> nn.Module:
+    """A full, unsharded copy of the sharded policy on `device` for HF generate, made from the policy itself
+    (one all-gather per parameter, frozen ones included) rather than read from disk again by every rank.
+    Collective."""
+    replica = load_causal_lm(path, dtype, meta=True)
+    if lora is not None:
+        from student_trainer.lora import apply_lora
+
+        apply_lora(replica, lora)
+    replica.to_empty(device=device)
+    replica.tie_weights()  # to_empty gives each module its own new parameter: tie lm_head to the embeddings again
+    copy_weights(policy, replica, frozen=True)
+    for name, buf in policy.named_buffers():
+        replica.get_buffer(param_name(name)).copy_(buf)
+    return replica.eval()
+
+
 def grad_norm_value(norm: torch.Tensor) -> float:
     """clip_grad_norm_ over DTensor gradients returns a DTensor: its full value is the global norm."""
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
@@ -321,12 +360,12 @@ class StudentWeights:
 
 
 @torch.no_grad()
-def copy_weights(policy: Policy, replica: nn.Module) -> None:
+def copy_weights(policy: Policy, replica: nn.Module, frozen: bool = False) -> None:
     """Make `replica` (a full, unsharded copy for generation) equal to the sharded policy. Collective: one
     all-gather per parameter, so at most one full parameter is in flight besides the replica. Frozen parameters
-    (a LoRA base) never change and are not copied."""
+    (a LoRA base) never change and are copied only with `frozen` (once, when the replica is made)."""
     for name, p in policy.named_parameters():
-        if not p.requires_grad:
+        if not (p.requires_grad or frozen):
             continue
         full = p.full_tensor() if isinstance(p, DTensor) else p
         replica.get_parameter(param_name(name)).copy_(full)

@@ -40,6 +40,7 @@ def build_tiny_model(
     n_filler: int = 400,
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a randomly initialised Qwen3ForCausalLM plus tokenizer to `out_dir`; returns the path."""
     import torch
@@ -61,7 +62,7 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         head_dim=64,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -71,6 +72,6 @@ def build_tiny_model(
     model = Qwen3ForCausalLM(config)
     # Wider than default init so the teacher's distributions are peaked, not near-uniform.
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)
+        model.lm_head.weight.normal_(0.0, 0.5)  # (tied: the embeddings too)
     model.save_pretrained(str(out))
     return out

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from protocol.schema import ScoreBatch, SequenceResult
 from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -62,12 +62,16 @@ from student_trainer.parallel import (
     Policy,
     Ranks,
     StudentWeights,
+    build_replica,
     checkpoint_layers,
     close_ranks,
+    fill_from_rank0,
     full_optimizer_state,
+    full_state_before_sharding,
     grad_norm_value,
     init_optimizer_state,
     init_ranks,
+    load_causal_lm,
     load_optimizer_state,
     local_chunks,
     local_mib,
@@ -855,7 +859,12 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         est = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, ranks.world,
                          longest - cfg.rollout.max_new_tokens)
         logger.info("memory estimate: peak %.1f GiB per GPU of %.0f GiB", est.peak / 2**30, est.gpu_bytes / 2**30)
-    model = AutoModelForCausalLM.from_pretrained(weights_path, dtype=torch.float32 if mixed else dtype)
+    # Several ranks: only rank 0 reads the weights (onto its host); the others build the model on the meta device
+    # and receive their shards from rank 0 once it is sharded (`fill_from_rank0`). One process: straight onto the
+    # device.
+    from_rank0 = sharded and ranks.world > 1
+    meta = from_rank0 and not ranks.main
+    model = load_causal_lm(weights_path, torch.float32 if mixed else dtype, None if from_rank0 else device, meta=meta)
     check_fused_head(model)
     peft_model = None
     if lora is not None:
@@ -863,7 +872,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         peft_model = apply_lora(model, lora, base_path=str(base.resolve()) if base.is_dir() else cfg.model.path)
         if ckpt is not None:
             check_adapter_matches(ckpt, lora)
-            load_adapter(peft_model, ckpt)
+            if not meta:  # the meta ranks get the loaded adapter from rank 0 with the rest
+                load_adapter(peft_model, ckpt)
         n_train = sum(p.numel() for p in trainable_parameters(model))
         logger.info("LoRA rank %d on %s: %.2fM trainable parameters of %.1fM", lora.rank, ",".join(lora.target_modules),
                     n_train / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
@@ -877,18 +887,17 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         logger.info("activation checkpointing: %d decoder layers", checkpoint_layers(model))
     replica = None  # under FSDP: a full copy on each rank that HF generate samples from, synced after each step
     if sharded:
-        samples = cfg.loss.mode != "seqkd" or cfg.train.eval_every > 0  # seqkd samples only to evaluate
-        if cfg.rollout.engine == "hf" and samples:
-            replica = AutoModelForCausalLM.from_pretrained(weights_path, dtype=dtype)
-            if lora is not None:  # the same adapters: each step's sync then copies only them
-                replica_peft = apply_lora(replica, lora)
-                if ckpt is not None:
-                    load_adapter(replica_peft, ckpt)
-            replica = replica.to(device).eval()
         # compute dtype: mixed precision, or LoRA in bfloat16 (float32 adapters next to bfloat16 base weights in
         # one unit: all-gathered in bfloat16, gradients reduced in float32)
         compute = dtype if mixed or (lora is not None and dtype != torch.float32) else None
+        full_state = full_state_before_sharding(policy) if from_rank0 and ranks.main else None
         shard(policy, ranks, device, compute_dtype=compute)  # moves this rank's shard to `device`
+        if from_rank0:
+            fill_from_rank0(policy, ranks, device, full_state)
+            del full_state
+        samples = cfg.loss.mode != "seqkd" or cfg.train.eval_every > 0  # seqkd samples only to evaluate
+        if cfg.rollout.engine == "hf" and samples:  # the same adapters too: each step's sync then copies only them
+            replica = build_replica(policy, weights_path, dtype, device, lora)
         logger.info(
             "rank %d/%d: FSDP2 on %s%s", ranks.rank, ranks.world, device,
             f", {dtype} compute with float32 master weights" if mixed else "",

@@ -333,3 +333,22 @@ def test_two_teachers_on_two_ranks_match_one_process_and_resume(setup, two_teach
     run(write_config(setup, split, *two_teachers, "train.stop_after_steps=1"), 2)
     run(write_config(setup, split, *two_teachers), 1, "--resume")
     assert_weights_close(weights(one, 2), weights(split, 2))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_rank0_loading_gives_every_rank_the_same_shards(tmp_path, tiny_model_dir, tied):
+    """Only rank 0 reads the weights, the other rank builds on the meta device and is filled by broadcast: its
+    shards and buffers equal those of every rank reading the model itself, and an HF replica built from that
+    policy equals the model on disk (tied embeddings stay tied; to_empty alone would untie them)."""
+    model = build_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128,
+                             seed=5, tokenizer_dir=tiny_model_dir, tie_word_embeddings=tied)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "workers" / "load_ranks.py"), str(model)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert sorted(x["rank"] for x in lines) == [0, 1]
+    for x in lines:
+        assert x["params_equal"] and x["buffers_equal"] and x["replica_equal"] and x["logits_equal"], x
+        assert x["replica_tied"] == tied

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from generation.hf import sample
+from generation.hf import load_causal_lm, sample
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.schema import ScoreBatch, ScoreResult
 from teacher_server.engines.base import EngineInfo, ScoringEngine
@@ -66,13 +66,13 @@ class HFEngine(ScoringEngine):
         self._worker = asyncio.create_task(self._batch_loop(), name="hf-batcher")
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         s = self.settings
         self.device, self.dtype = resolve_device_dtype(s.device, s.dtype)
         tokenizer = AutoTokenizer.from_pretrained(s.model)
         self.tokenizer = tokenizer
-        model = AutoModelForCausalLM.from_pretrained(s.model, dtype=self.dtype)
+        model = load_causal_lm(s.model, self.dtype, self.device)  # straight onto a GPU, no host copy
         self.model = model.to(self.device).eval()
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -267,12 +267,14 @@ class HFEngine(ScoringEngine):
         self, hidden_ND: torch.Tensor, target_N: torch.Tensor, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Chunked output layer, with at most `chunk` rows of [*, V] logits: actual-token logprob, top-k, and the
-        actual token's rank (tokens whose logit is >= its own, counting itself: vLLM's definition)."""
+        actual token's rank (tokens whose logit is >= its own, counting itself: vLLM's definition). Results are
+        gathered on the model's device and copied to the host once, not once per chunk (each copy is a sync)."""
         n, chunk = hidden_ND.shape[0], self.settings.logits_chunk_size
-        lp_N = torch.empty(n, dtype=torch.float32)
-        ids_NK = torch.empty((n, k), dtype=torch.int32)
-        lps_NK = torch.empty((n, k), dtype=torch.float32)
-        rank_N = torch.empty(n, dtype=torch.int64)
+        dev = hidden_ND.device
+        lp_N = torch.empty(n, dtype=torch.float32, device=dev)
+        ids_NK = torch.empty((n, k), dtype=torch.int32, device=dev)
+        lps_NK = torch.empty((n, k), dtype=torch.float32, device=dev)
+        rank_N = torch.empty(n, dtype=torch.int64, device=dev)
         lowest = torch.finfo(torch.float32).min
         for a in range(0, n, chunk):
             logits = self._logits_fp32(hidden_ND[a : a + chunk])
@@ -281,8 +283,8 @@ class HFEngine(ScoringEngine):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             top = torch.topk(logits, k, dim=-1, sorted=True)
             target_logit = logits.gather(1, target_N[a : a + chunk, None])
-            lp_N[a : a + chunk] = (target_logit - lse).squeeze(1).clamp_min(lowest).cpu()
-            rank_N[a : a + chunk] = (logits >= target_logit).sum(dim=-1).cpu()
-            ids_NK[a : a + chunk] = top.indices.to(torch.int32).cpu()
-            lps_NK[a : a + chunk] = (top.values - lse).clamp_min(lowest).cpu()
-        return lp_N.numpy(), ids_NK.numpy(), lps_NK.numpy(), rank_N.numpy()
+            lp_N[a : a + chunk] = (target_logit - lse).squeeze(1).clamp_min(lowest)
+            rank_N[a : a + chunk] = (logits >= target_logit).sum(dim=-1)
+            ids_NK[a : a + chunk] = top.indices
+            lps_NK[a : a + chunk] = (top.values - lse).clamp_min(lowest)
+        return tuple(t.cpu().numpy() for t in (lp_N, ids_NK, lps_NK, rank_N))
