@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -354,9 +354,30 @@ class StudentWeights:
             return adapter_state(self.policy, self.ranks.main)
         return full_model_state(self.policy) if self.sharded else None
 
+    def engine_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights under their Hugging Face names, one tensor at a time, cast to `dtype` (the engine's)
+        on this rank's device before the all-gather (a bfloat16 engine: half the bytes of a float32 gather, and
+        no single-threaded cast on the host), then copied to the host. Collective when sharded: every rank must
+        exhaust the iterator; only rank 0 receives tensors. Tied weights come once (as `named_parameters`)."""
+        yield from iter_full_weights(self.policy, dtype, self.ranks.main)
+
     def copy_into(self, replica: nn.Module) -> None:
         """Make a full replica equal to the policy (collective when sharded)."""
         copy_weights(self.policy, replica)
+
+
+@torch.no_grad()
+def iter_full_weights(policy: Policy, dtype: torch.dtype, main: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """See `StudentWeights.engine_tensors`. Parameters, then the persistent buffers."""
+    persistent = {param_name(k) for k in policy.state_dict()}
+    tensors = [*policy.named_parameters(), *((n, b) for n, b in policy.named_buffers() if param_name(n) in persistent)]
+    for name, t in tensors:
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if main:
+            yield param_name(name), full.cpu()
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """vLLM rollout engine for the student: `VLLMGenerator` behind the same `Generator` interface as `HFGenerator`.
 
 The student samples with vLLM; after every optimizer step the trainer calls `after_update(weights)`, which
-writes the new weights as safetensors (to /dev/shm when it exists, in the engine's dtype; under torchrun rank 0
-writes once and every rank's engine reads) and has the running engine reload them in place
+writes the new weights as safetensors (to /dev/shm when it has room, else the temp dir; each tensor cast to the
+engine's dtype on its own device before it is gathered, and written in ~1 GiB files so that rank 0 never holds
+a second full copy; under torchrun rank 0 writes once and every rank's engine reads) and has the running engine
+reload them in place
 (`collective_rpc("reload_weights", weights_path=...)`, vLLM's in-place reload on both the GPU and the CPU
 worker, then `reset_prefix_cache()`). On GPU, with `sleep=True`, `before_update()` (once a step's rollouts are
 generated) puts the engine to sleep: vLLM sleep mode level 2 frees its weights and KV cache for the update;
@@ -88,6 +90,7 @@ class VLLMGenerator(Generator):
             self.llm = LLM(**kwargs)
         self.eos = tokenizer.eos_token_id
         self.remove_weights_dir = weights_dir is None if remove_weights_dir is None else remove_weights_dir
+        self.sync_bytes = 0  # bytes of weights written by the last after_update (rank 0)
         self.weights_dir = weights_dir or new_weights_dir(weights_bytes)
 
     def before_update(self) -> None:
@@ -104,18 +107,16 @@ class VLLMGenerator(Generator):
                 save_adapter(weights.peft, self.weights_dir, state)
             weights.ranks.barrier()
             self.load_adapter()
-        elif weights.sharded:
-            state = weights.full_state()
-            if weights.ranks.main:
-                self.write_weights(weights.model, state)
+        else:
+            self.sync_bytes = write_safetensors(weights.engine_tensors(self.dtype), self.weights_dir)
             weights.ranks.barrier()
             self.reload()
-        else:
-            self.load_weights(weights.model)
 
     def load_weights(self, model) -> None:
         """Push a (one-process) model's current weights into the running engine."""
-        self.write_weights(model)
+        from student_trainer.parallel import Policy, iter_full_weights
+
+        self.sync_bytes = write_safetensors(iter_full_weights(Policy(model), self.dtype, True), self.weights_dir)
         self.reload()
 
     def load_adapter(self) -> None:
@@ -151,22 +152,13 @@ class VLLMGenerator(Generator):
         self.llm.wake_up(tags=tags)
 
     def reload(self) -> None:
-        """Have the engine reload the weights in `weights_dir` (written by `write_weights`, maybe by another rank)."""
+        """Have the engine reload the weights in `weights_dir` (written by `write_safetensors`, maybe by another rank)."""
         self._wake(["weights"])  # the KV cache stays freed until the weights are in
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
-
-    def write_weights(self, model, state_dict=None) -> None:
-        """Full weights to `weights_dir` as safetensors, in the engine's dtype (float32 masters are cast)."""
-        if state_dict is None and next(model.parameters()).dtype == self.dtype:
-            model.save_pretrained(self.weights_dir, safe_serialization=True)
-            return
-        sd = state_dict if state_dict is not None else model.state_dict()
-        sd = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        model.save_pretrained(self.weights_dir, safe_serialization=True, state_dict=sd)
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights and KV cache) until the next reload; no-op on CPU. What it frees
@@ -215,6 +207,46 @@ class VLLMGenerator(Generator):
             engine.engine_core.shutdown()
         if self.remove_weights_dir:  # a copy of the model in /dev/shm is memory until removed
             shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+# Weights go to the engine in files of about this size: rank 0 holds at most one file's tensors at a time.
+SHARD_BYTES = 1 << 30
+
+
+def write_safetensors(tensors, out_dir: str, shard_bytes: int | None = None) -> int:
+    """Write (name, tensor) pairs as `model-NNNNN.safetensors` files of about `shard_bytes` each into `out_dir`
+    (what vLLM's loader reads: every *.safetensors file of a directory), dropping files left from a previous
+    write with more parts. Exhausts `tensors` (which may be collective) on every rank; returns the bytes written
+    (0 where nothing was yielded)."""
+    from safetensors.torch import save_file
+
+    shard_bytes = shard_bytes or SHARD_BYTES
+    part: dict = {}
+    size = written = n = 0
+
+    def flush() -> None:
+        nonlocal part, size, n
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, f".model-{n:05d}.safetensors.tmp")
+        save_file(part, tmp)
+        os.replace(tmp, os.path.join(out_dir, f"model-{n:05d}.safetensors"))  # never a half-written part
+        part, size, n = {}, 0, n + 1
+
+    for name, t in tensors:
+        part[name] = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        size += nbytes
+        written += nbytes
+        if size >= shard_bytes:
+            flush()
+    if part:
+        flush()
+    if written:
+        for f in os.listdir(out_dir):
+            stale = f.startswith("model-") and f.endswith(".safetensors") and int(f[6:11]) >= n
+            if stale or f == "model.safetensors":
+                os.remove(os.path.join(out_dir, f))
+    return written
 
 
 # Room /dev/shm must have beyond one copy of the weights (safetensors headers, the engine's reads meanwhile).

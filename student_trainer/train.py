@@ -562,7 +562,7 @@ def update(run: Run, batch: StepBatch) -> UpdateResult:
 
 
 def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, result: UpdateResult,
-                update_s: float, t_step: float) -> None:
+                update_s: float, t_step: float, sync_s: float = 0.0) -> None:
     """Token-level distributions gathered to rank 0, which logs the step's record and its one line."""
     cfg = run.cfg
     local = None
@@ -609,7 +609,9 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         "timing/score_wait_s": batch.score_wait_s,
         # share of teacher time hidden behind generation (1 = fully overlapped)
         "timing/score_overlap": 1.0 - batch.score_wait_s / batch.teacher_s if batch.teacher_s > 0 else 1.0,
-        "timing/update_s": update_s,
+        "timing/update_s": update_s,  # the optimizer step and the weight sync below
+        "timing/sync_s": sync_s,  # the sampler takes the new weights (vLLM: written and reloaded; replica: copied)
+        "sync/bytes": float(getattr(run.generator, "sync_bytes", 0)),
         "timing/step_s": step_s,
         "throughput/tok_per_s": n_tokens / step_s,
         # rank 0's share: 1/N of the whole when sharded over N ranks
@@ -708,8 +710,10 @@ def _train(run: Run) -> dict[str, float]:
         run.generator.before_update()  # vLLM on GPU: its weights and KV cache make room for the update
         t_up = time.perf_counter()
         result = update(run, batch)
+        t_sync = time.perf_counter()
         run.generator.after_update(run.weights)  # the next rollouts sample from the updated policy
-        record_step(run, step, problems, batch, result, time.perf_counter() - t_up, t_step)
+        t_end = time.perf_counter()
+        record_step(run, step, problems, batch, result, t_end - t_up, t_step, sync_s=t_end - t_sync)
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             last_eval = run_eval(run, step)

@@ -25,10 +25,14 @@ def reference_logprobs(model, rollout) -> np.ndarray:
     return logp[p - 1 : -1].gather(1, torch.tensor(rollout.completion_ids)[:, None]).squeeze(1).numpy()
 
 
-def test_engine_logprobs_equal_trainer_model_before_and_after_update(tiny_model_dir, tmp_path):
+def test_engine_logprobs_equal_trainer_model_before_and_after_update(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from student_trainer import rollout_vllm
     from student_trainer.rollout_vllm import VLLMGenerator
+
+    # weights handed over in several files (as an 8B model's are, in 1 GiB parts): the engine must read them all
+    monkeypatch.setattr(rollout_vllm, "SHARD_BYTES", 256 << 10)
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
@@ -45,6 +49,9 @@ def test_engine_logprobs_equal_trainer_model_before_and_after_update(tiny_model_
         stale = gen.generate(prompts, 1, max_new_tokens=16, temperature=1.0, seed=1)
         assert any(np.abs(r.behaviour_logprobs - reference_logprobs(model, r)).max() > 10 * ATOL for r in stale)
         gen.load_weights(model)
+        parts = sorted(p.name for p in (tmp_path / "w").glob("*.safetensors"))
+        assert len(parts) > 2 and parts[0] == "model-00000.safetensors", parts
+        assert gen.sync_bytes == sum(p.numel() * 4 for p in model.parameters())
         for r in gen.generate(prompts, 2, max_new_tokens=16, temperature=1.0, seed=2):
             np.testing.assert_allclose(r.behaviour_logprobs, reference_logprobs(model, r), atol=ATOL, rtol=0)
     finally:
@@ -72,3 +79,21 @@ def test_training_runs_with_the_vllm_rollout_engine(tiny_model_dir, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     # the weights are reloaded after every step, so the engine samples from the current policy: weights ~1
     assert all(abs(r["is/weight_mean"] - 1.0) < 1e-3 for r in steps), [r["is/weight_mean"] for r in steps]
+
+
+def test_weights_are_written_in_parts_and_stale_parts_removed(tmp_path):
+    """`write_safetensors`: parts of about the given size, every tensor once, and a later write with fewer
+    parts removes the rest (the engine reads every *.safetensors file in the directory)."""
+    from safetensors.torch import load_file
+
+    from student_trainer.rollout_vllm import write_safetensors
+
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(10)}  # 1 KiB each
+    assert write_safetensors(iter(tensors.items()), str(tmp_path), shard_bytes=3 << 10) == 10 << 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"model-{i:05d}.safetensors" for i in range(4)]
+    assert write_safetensors(iter(tensors.items()), str(tmp_path), shard_bytes=1 << 20) == 10 << 10
+    assert [p.name for p in tmp_path.iterdir()] == ["model-00000.safetensors"]
+    got = load_file(str(tmp_path / "model-00000.safetensors"))
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert write_safetensors(iter(()), str(tmp_path)) == 0  # a rank that receives nothing writes nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["model-00000.safetensors"]
