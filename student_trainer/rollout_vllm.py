@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -172,34 +173,67 @@ class VLLMGenerator(Generator):
             self.wake_bytes = max(0, after - before)
             self.asleep = True
 
-    def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+    def _params(self, n, max_new_tokens, temperature, top_p, seed):
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
-        greedy = temperature == 0  # vLLM refuses n > 1 when greedy: sample once, repeat
-        params = SamplingParams(
+        greedy = temperature == 0  # vLLM refuses n > 1 when greedy: sample once, repeat (see `_rollouts`)
+        return SamplingParams(
             n=1 if greedy else n, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
             seed=seed, logprobs=0, flat_logprobs=True, detokenize=False,
             stop_token_ids=[self.eos] if self.eos is not None else None,
         )
+
+    def _rollouts(self, prompt, out, pi: int, n: int) -> list[Rollout]:
+        """One prompt's finished `RequestOutput` as its n rollouts, in sample order."""
+        comps = sorted(out.outputs, key=lambda c: c.index)
+        if len(comps) == 1 and n > 1:  # greedy
+            comps = comps * n
+        rollouts = []
+        for c in comps:
+            ids = list(c.token_ids)
+            # logprobs=0: one entry per generated position, the sampled token's (flat lists, no dicts)
+            lps = (np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None
+                   else np.zeros(len(ids), np.float32))
+            finished = c.finish_reason == "stop"
+            if finished and c.stop_reason == self.eos and (not ids or ids[-1] != self.eos):
+                ids.append(self.eos)  # keep EOS in the completion, as HFGenerator does (its logprob unknown: 0)
+                lps = np.append(lps, np.float32(0.0))
+            rollouts.append(Rollout(list(prompt), ids, lps[: len(ids)], finished, pi))
+        return rollouts
+
+    def generate(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+        from vllm.inputs import TokensPrompt
+
+        params = self._params(n, max_new_tokens, temperature, top_p, seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
                                     lora_request=self.lora_request)
-        rollouts: list[Rollout] = []
-        for pi, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
-            comps = sorted(out.outputs, key=lambda c: c.index)
-            if greedy:
-                comps = comps * n
-            for c in comps:
-                ids = list(c.token_ids)
-                # logprobs=0: one entry per generated position, the sampled token's (flat lists, no dicts)
-                lps = (np.asarray(c.logprobs.logprobs, dtype=np.float32) if c.logprobs is not None
-                       else np.zeros(len(ids), np.float32))
-                finished = c.finish_reason == "stop"
-                if finished and c.stop_reason == self.eos and (not ids or ids[-1] != self.eos):
-                    ids.append(self.eos)  # keep EOS in the completion, as HFGenerator does (its logprob unknown: 0)
-                    lps = np.append(lps, np.float32(0.0))
-                rollouts.append(Rollout(list(prompt), ids, lps[: len(ids)], finished, pi))
-        return rollouts
+        return [r for pi, (p, out) in enumerate(zip(prompts, outputs, strict=True)) for r in self._rollouts(p, out, pi, n)]
+
+    def stream(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seeds) -> Iterator[list[Rollout]]:
+        """All prompts submitted at once (the engine schedules them together, continuous batching), each
+        prompt's group of n rollouts yielded as soon as its last sample finishes, in finishing order.
+        `seeds[i]` seeds prompt i's samples (vLLM seeds each request on its own, so a group's samples do not
+        depend on what else is in the batch)."""
+        from vllm.inputs import TokensPrompt
+
+        params = [self._params(n, max_new_tokens, temperature, top_p, s) for s in seeds]
+        ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                               lora_request=self.lora_request, use_tqdm=False)
+        # enqueue returns the engine's internal ids, "<the request's own id>-<8 random characters>"; outputs
+        # carry the request's own id
+        index = {rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)}
+        engine, done = self.llm.llm_engine, set()
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        pi = index[out.request_id]
+                        done.add(pi)
+                        yield self._rollouts(prompts[pi], out, pi, n)
+        finally:  # a consumer that stops early must not leave requests behind for the next generate
+            left = [rid for i, rid in enumerate(ids) if i not in done]
+            if left:
+                engine.abort_request(left, internal=True)
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

@@ -282,10 +282,10 @@ def sampling_seed(cfg: RunConfig, step: int, chunk_index: int) -> int:
 
 
 def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> StepBatch:
-    """The student samples this rank's prompts chunk by chunk; each chunk goes to the teacher as soon as it is
-    generated (or all at once after generation with rollout.stream=false)."""
+    """The student samples this rank's prompts (all at once with vLLM, else chunk by chunk); finished rollouts
+    go to the teacher as they come (or all at once after generation with rollout.stream=false)."""
     cfg = run.cfg
-    t_gen, futures, held = 0.0, [], []
+    futures = []
 
     def submit(rollouts: list[Rollout]) -> None:  # to each rollout's own teacher
         if len(run.scorers) == 1:
@@ -297,6 +297,42 @@ def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> Ste
             if part:
                 futures.append((name, run.scorers[name].submit(part)))
 
+    if cfg.rollout.stream and hasattr(run.generator, "stream"):
+        t_gen = stream_rollouts(run, step, problems, submit)
+    else:
+        t_gen = generate_by_chunks(run, step, problems, submit)
+    t_wait0 = time.perf_counter()
+    named = [(name, f.result()) for name, f in futures]
+    t_wait = time.perf_counter() - t_wait0
+    # prompt order (groups finish, and several teachers answer, out of order): every later stage sees the
+    # rollouts as one chunk-by-chunk generate would have made them
+    flat = [(name, s, i) for name, s in named for i in range(len(s.rollouts))]
+    flat.sort(key=lambda x: x[1].rollouts[x[2]].prompt_index)
+    rollouts = [s.rollouts[i] for _, s, i in flat]
+    scored = [s for _, s in named]
+    several = len(run.scorers) > 1
+    teacher_s_by, requests_by = dict.fromkeys(run.scorers, 0.0), dict.fromkeys(run.scorers, 0)
+    for name, s in named:
+        teacher_s_by[name] += s.latency_s
+        requests_by[name] += 1
+    return StepBatch(
+        rollouts=rollouts,
+        teacher=[s.teacher[i] for _, s, i in flat],
+        ref_logprobs=[s.ref_logprobs[i] for _, s, i in flat] if run.ref is not None else None,
+        correct=verify(run, problems, rollouts),
+        generate_s=t_gen, score_wait_s=t_wait, teacher_s=sum(s.latency_s for s in scored), requests=len(futures),
+        outage_s=sum(s.outage_s for s in scored),
+        teacher_names=[name for name, _, _ in flat] if several else None,
+        teacher_s_by=teacher_s_by, requests_by=requests_by,
+    )
+
+
+def generate_by_chunks(run: Run, step: int, problems: list[Problem], submit: Callable[[list[Rollout]], None]) -> float:
+    """One `generate` per chunk of `rollout.stream_chunk_prompts` prompts, each chunk submitted to the teacher
+    as soon as it is generated (or all at once at the end with rollout.stream=false). Returns the seconds spent
+    generating."""
+    cfg = run.cfg
+    t_gen, held = 0.0, []
     show = cfg.train.progress and run.ranks.main and len(run.chunks) >= 4
     for ci, start, stop in tqdm(run.chunks, desc=f"rollout {step}", leave=False, disable=not show):
         chunk = problems[start:stop]  # this rank's share; prompt_index below indexes the whole step
@@ -314,26 +350,33 @@ def collect_scored_rollouts(run: Run, step: int, problems: list[Problem]) -> Ste
         t_gen += time.perf_counter() - t0
     if not cfg.rollout.stream:
         submit(held)
-    t_wait0 = time.perf_counter()
-    named = [(name, f.result()) for name, f in futures]
-    scored = [s for _, s in named]
-    t_wait = time.perf_counter() - t_wait0
-    rollouts = [r for s in scored for r in s.rollouts]
-    several = len(run.scorers) > 1
-    teacher_s_by, requests_by = dict.fromkeys(run.scorers, 0.0), dict.fromkeys(run.scorers, 0)
-    for name, s in named:
-        teacher_s_by[name] += s.latency_s
-        requests_by[name] += 1
-    return StepBatch(
-        rollouts=rollouts,
-        teacher=[row for s in scored for row in s.teacher],
-        ref_logprobs=[lp for s in scored for lp in s.ref_logprobs] if run.ref is not None else None,
-        correct=verify(run, problems, rollouts),
-        generate_s=t_gen, score_wait_s=t_wait, teacher_s=sum(s.latency_s for s in scored), requests=len(futures),
-        outage_s=sum(s.outage_s for s in scored),
-        teacher_names=[name for name, s in named for _ in s.rollouts] if several else None,
-        teacher_s_by=teacher_s_by, requests_by=requests_by,
-    )
+    return t_gen
+
+
+def stream_rollouts(run: Run, step: int, problems: list[Problem], submit: Callable[[list[Rollout]], None]) -> float:
+    """An engine with continuous batching (vLLM): all of this rank's prompts go in at once, so a long sample
+    holds up no other, and finished groups go to the teacher in lots of `rollout.stream_chunk_prompts` prompts
+    as they finish (scoring overlaps generation as before). Each prompt keeps its chunk's sampling seed.
+    Returns the seconds spent generating."""
+    cfg = run.cfg
+    lo = run.chunks[0][1]
+    mine = problems[lo : run.chunks[-1][2]]
+    seeds = [sampling_seed(cfg, step, ci) for ci, start, stop in run.chunks for _ in range(start, stop)]
+    t0, lot, lot_prompts = time.perf_counter(), [], 0
+    for group in run.generator.stream(
+        [p.prompt_ids for p in mine], cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=seeds,
+    ):
+        for r in group:
+            r.prompt_index += lo
+        lot += group
+        lot_prompts += 1
+        if lot_prompts >= cfg.rollout.stream_chunk_prompts:
+            submit(lot)
+            lot, lot_prompts = [], 0
+    if lot:
+        submit(lot)
+    return time.perf_counter() - t0
 
 
 def collect_teacher_samples(run: Run, step: int, problems: list[Problem]) -> StepBatch:

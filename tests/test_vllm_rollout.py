@@ -54,6 +54,19 @@ def test_engine_logprobs_equal_trainer_model_before_and_after_update(tiny_model_
         assert gen.sync_bytes == sum(p.numel() * 4 for p in model.parameters())
         for r in gen.generate(prompts, 2, max_new_tokens=16, temperature=1.0, seed=2):
             np.testing.assert_allclose(r.behaviour_logprobs, reference_logprobs(model, r), atol=ATOL, rtol=0)
+        # all prompts at once, each group as it finishes: every prompt once, n samples each, the same policy
+        many = [[2, 10 + i] for i in range(6)]
+        groups = list(gen.stream(many, 3, max_new_tokens=16, temperature=1.0, seeds=list(range(6))))
+        assert sorted(g[0].prompt_index for g in groups) == list(range(6))
+        for g in groups:
+            assert len(g) == 3 and {r.prompt_index for r in g} == {g[0].prompt_index}
+            assert all(r.prompt_ids == many[g[0].prompt_index] for r in g)
+            for r in g:
+                np.testing.assert_allclose(r.behaviour_logprobs, reference_logprobs(model, r), atol=ATOL, rtol=0)
+        # a consumer that stops after the first group leaves nothing behind in the engine
+        next(iter(gen.stream(many, 2, max_new_tokens=16, temperature=1.0, seeds=list(range(6)))))
+        assert not gen.llm.llm_engine.has_unfinished_requests()
+        assert len(gen.generate(prompts, 2, max_new_tokens=4, seed=5)) == 4
     finally:
         gen.close()
 
