@@ -138,6 +138,12 @@ class TeacherSection(_Section):
     encoding: Literal["msgpack", "json"] = Field(
         "msgpack", description="Wire encoding of scoring requests: msgpack (binary arrays, fast) or json (debugging)."
     )
+    compression: Literal["auto", "zstd", "lz4", "none"] = Field(
+        "auto", description="Compression of scoring responses, asked for per request (Accept-Encoding): auto = zstd "
+        "(lz4 from a teacher without it), none from a loopback teacher. zstd sends ~1.3x fewer bytes with a 150k "
+        "vocabulary and pays below ~1 Gbit/s; set none for a faster link, where compressing costs more time than "
+        "the bytes save (see bench/codec.py)."
+    )
     timeout_s: float = Field(600.0, gt=0, description="Read timeout of one scoring request.")
     max_retries: int = Field(8, ge=0, description="Retries per request on connection errors / 429 / 502 / 503.")
     max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two retries (a Retry-After is capped to it).")

@@ -956,7 +956,7 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     client_kw = dict(
         timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries, max_backoff_s=cfg.teacher.max_backoff_s,
         api_key=cfg.teacher.api_key, encoding=cfg.teacher.encoding, protocol=cfg.teacher.protocol,
-        ca_file=cfg.teacher.ca_file,
+        ca_file=cfg.teacher.ca_file, compression=cfg.teacher.compression,
     )
     teachers: dict[str, TeacherClient | TeacherPool] = {}
     for name, (url, top_k, api_key) in endpoints.items():  # every one handshaken now: reachable and compatible
