@@ -196,7 +196,12 @@ class RolloutSection(_Section):
         "hf", description="Student sampler: transformers generate, or a vLLM engine that reloads the weights after "
         "every optimizer step (its sampling logprobs feed loss.importance_correction)."
     )
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of the student's vLLM engine.")
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="GPU share of the student's vLLM engine (weights + KV cache). Default: derived "
+        "at start from the memory then free (the trainer's weights and Adam state already allocated), less 8% "
+        "headroom and, when the engine does not sleep, what the update needs (python -m student_trainer.estimate "
+        "prints it).",
+    )
     vllm_sleep: bool = Field(
         True, description="On GPU: put the engine to sleep (vLLM sleep mode, level 2: weights and KV cache freed) "
         "while the trainer updates, and wake it for the new weights, so trainer and engine share one GPU. "

@@ -5,8 +5,8 @@
 prints the budget of one trainer GPU in its two phases, and whether it fits:
 
 * generation: the sharded float32 master weights and Adam state, plus the rollout engine (vLLM: its
-  `rollout.vllm_gpu_memory_utilization` share of the GPU; hf: a full copy of the weights in the compute dtype
-  and its KV cache);
+  `rollout.vllm_gpu_memory_utilization` share of the GPU, by default derived at start from the free memory,
+  see `engine_share`; hf: a full copy of the weights in the compute dtype and its KV cache);
 * update: weights, gradients and Adam state (sharded over the GPUs by FSDP2), the unsharded compute copies of the
   layers being run, the activations of one micro-batch (each decoder layer's input with activation
   checkpointing plus one layer's saved tensors, else every layer's saved tensors), the fused loss's [chunk, V]
@@ -119,6 +119,7 @@ class Estimate:
     update: list[Line]
     gpu_bytes: float
     advice: list[str]
+    reserve_bytes: float = 0.0  # vLLM without sleep: memory its derived share leaves for the update
 
     @property
     def peak(self) -> float:
@@ -139,6 +140,15 @@ class Estimate:
                     f"(limit {FIT_FRACTION:.0%}): {verdict}")
         rows += [f"  - {a}" for a in self.advice]
         return "\n".join(rows)
+
+
+def engine_share(free_bytes: float, total_bytes: float, reserve_bytes: float = 0.0) -> float:
+    """The student's vLLM engine's `gpu_memory_utilization` (a share of the whole GPU) when it is not configured:
+    what is free when the engine starts (the trainer's weights and Adam state already allocated), less
+    `reserve_bytes` (the update's own memory, when the engine stays awake through it) and the headroom the
+    estimate keeps (1 - FIT_FRACTION of the GPU), floored to a thousandth. 0 when nothing is left."""
+    share = (free_bytes - reserve_bytes - (1 - FIT_FRACTION) * total_bytes) / total_bytes
+    return max(0.0, math.floor(share * 1000) / 1000)
 
 
 def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool, compute_bytes: int) -> float:
@@ -183,10 +193,23 @@ def estimate(
     loss = Line("fused loss temporaries", 3 * chunk * shape.vocab * 4 + head_grad,
                 f"3 x [{chunk}, {shape.vocab}] float32" + (" + the output layer's float32 gradient" if head_grad else ""))
     overhead = Line("CUDA context, workspaces", OVERHEAD_BYTES, "fixed")
+    reserve = 0.0  # what the update adds while the engine stays awake (the vLLM engine leaves it free)
     if cfg.rollout.engine == "vllm":
-        engine = Line("rollout engine (vLLM)", cfg.rollout.vllm_gpu_memory_utilization * gpu_bytes,
-                      f"rollout.vllm_gpu_memory_utilization={cfg.rollout.vllm_gpu_memory_utilization}")
         asleep = cfg.rollout.vllm_sleep
+        util = cfg.rollout.vllm_gpu_memory_utilization
+        if not asleep:
+            reserve = sum(x.nbytes for x in (grads, gathered, acts, loss))
+        if util is not None:
+            engine = Line("rollout engine (vLLM)", util * gpu_bytes, f"rollout.vllm_gpu_memory_utilization={util}")
+        else:  # derived at start (`engine_share`): what is free then, less the headroom and the reserve
+            free = gpu_bytes - weights.nbytes - adam.nbytes - overhead.nbytes
+            derived = engine_share(free, gpu_bytes, reserve) * gpu_bytes
+            kv_one = seq * shape.layers * 2 * shape.kv_heads * shape.head_dim * compute
+            need = p * compute + kv_one  # its weights and one longest sequence's KV cache
+            engine = Line("rollout engine (vLLM)", max(derived, need),
+                          f"derived share {derived / gpu_bytes:.2f}" + (" (sleeps during the update)" if asleep else
+                          f", {reserve / GIB:.1f} GiB left for the update") +
+                          ("" if derived >= need else f"; BELOW its weights + one sequence's KV, {need / GIB:.1f} GiB"))
     else:
         kv = cfg.rollout.generation_batch_size * seq * shape.layers * 2 * shape.kv_heads * shape.head_dim * compute
         engine = Line("rollout (hf): weights + KV cache", p * compute + kv,
@@ -194,7 +217,7 @@ def estimate(
         asleep = True  # freed after generation
     generation = [weights, adam, engine, overhead]
     update = [weights, grads, adam, gathered, acts, loss, overhead] + ([] if asleep else [engine])
-    est = Estimate(generation, update, gpu_bytes, [])
+    est = Estimate(generation, update, gpu_bytes, [], reserve)
     if not est.fits:
         est.advice.extend(_advice(est, cfg, shape, gpus, compute, ckpt, seq))
     return est

@@ -50,7 +50,8 @@ class VLLMGenerator(Generator):
         *,
         dtype: str = "auto",
         max_model_len: int,
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float | None = None,
+        reserve_bytes: float = 0.0,
         seed: int = 0,
         weights_dir: str | None = None,
         remove_weights_dir: bool | None = None,
@@ -64,16 +65,19 @@ class VLLMGenerator(Generator):
         size of one copy of the weights in the engine's dtype (chooses /dev/shm or disk). `gpu`: index among
         the visible GPUs to run the engine on (one engine per trainer
         rank under torchrun); None: vLLM's default, the first. `lora_rank`: serve `model_dir` as a frozen base with
-        LoRA adapters of this (maximal) rank, pushed by `after_update`."""
+        LoRA adapters of this (maximal) rank, pushed by `after_update`. `gpu_memory_utilization` None: derived from
+        the GPU memory free now, leaving `reserve_bytes` (see student_trainer.estimate.engine_share)."""
         import torch
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # prefix caching: the samples of one prompt, and prompts sharing a chat template's system prompt, reuse
+        # the prompt's KV blocks; the cache is reset after every weight reload, so no stale entry survives a step
         kwargs = dict(
             model=model_dir, dtype=dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
-            max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, max_logprobs=1,
+            max_model_len=max_model_len, enable_prefix_caching=True, seed=seed, max_logprobs=1,
             logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
         )
         if lora_rank is not None:
@@ -84,6 +88,8 @@ class VLLMGenerator(Generator):
         self.asleep = False
         self.wake_bytes = 0  # GPU memory the engine released when it last went to sleep
         if on_gpu:
+            if gpu_memory_utilization is None:
+                gpu_memory_utilization = derive_memory_share(gpu or 0, reserve_bytes)
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_enabled
         self.dtype = getattr(torch, kwargs["dtype"])
@@ -241,6 +247,32 @@ class VLLMGenerator(Generator):
             engine.engine_core.shutdown()
         if self.remove_weights_dir:  # a copy of the model in /dev/shm is memory until removed
             shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+def derive_memory_share(gpu: int, reserve_bytes: float) -> float:
+    """`gpu_memory_utilization` from the memory free on GPU `gpu` now (what this process's allocator caches
+    handed back first), or a ConfigError naming the knobs when too little is left."""
+    import torch
+
+    from student_trainer.config import ConfigError
+    from student_trainer.estimate import engine_share
+
+    torch.cuda.synchronize(gpu)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(gpu)
+    share = engine_share(free, total, reserve_bytes)
+    logger.info("rollout engine: %.1f of %.1f GiB free, %.1f GiB kept for the update: gpu_memory_utilization=%.3f",
+                free / 2**30, total / 2**30, reserve_bytes / 2**30, share)
+    if share < MIN_MEMORY_SHARE:
+        raise ConfigError(
+            f"the rollout engine would get {share:.3f} of the GPU ({free / 2**30:.1f} GiB free, {reserve_bytes / 2**30:.1f} "
+            "GiB kept for the update): too little for its weights and KV cache. Shard the trainer over more GPUs, "
+            "keep rollout.vllm_sleep=true, lower optim.micro_batch_tokens, or set rollout.vllm_gpu_memory_utilization"
+        )
+    return share
+
+
+MIN_MEMORY_SHARE = 0.02
 
 
 # Weights go to the engine in files of about this size: rank 0 holds at most one file's tensors at a time.

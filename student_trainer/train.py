@@ -45,7 +45,7 @@ from protocol.schema import ScoreBatch, SequenceResult
 from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from student_trainer.config import ConfigError, RunConfig, dump_config
 from student_trainer.data import Problem, PromptSampler, load_problems
-from student_trainer.estimate import check_fits
+from student_trainer.estimate import check_fits, estimate
 from student_trainer.evaluate import eval_metrics, evaluate, is_correct
 from student_trainer.lora import (
     adapter_dropout,
@@ -902,9 +902,13 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     prompts = PromptSampler(train_problems, seed=cfg.train.seed)
     longest = max(len(p.prompt_ids) for p in train_problems) + cfg.rollout.max_new_tokens
 
-    if device.type == "cuda" and cfg.optim.memory_check:
-        est = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, ranks.world,
-                         longest - cfg.rollout.max_new_tokens)
+    reserve_bytes = 0.0  # vLLM engine that stays awake: memory its derived share leaves for the update
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        prompt_tokens = longest - cfg.rollout.max_new_tokens
+        est = check_fits(cfg, total, ranks.world, prompt_tokens) if cfg.optim.memory_check else estimate(
+            cfg, total, ranks.world, prompt_tokens)
+        reserve_bytes = est.reserve_bytes
         logger.info("memory estimate: peak %.1f GiB per GPU of %.0f GiB", est.peak / 2**30, est.gpu_bytes / 2**30)
     # Several ranks: only rank 0 reads the weights (onto its host); the others build the model on the meta device
     # and receive their shards from rank 0 once it is sharded (`fill_from_rank0`). One process: straight onto the
@@ -1008,6 +1012,7 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         generator: Generator = VLLMGenerator(
             weights_path, tokenizer, dtype=cfg.model.dtype, max_model_len=longest,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed,
+            reserve_bytes=reserve_bytes,
             weights_dir=shared_dir, remove_weights_dir=ranks.main, sleep=cfg.rollout.vllm_sleep,
             gpu=device.index if device.type == "cuda" else None, weights_bytes=nbytes,
             lora_rank=lora.rank if lora is not None else None,

@@ -3,6 +3,7 @@ itself (and changes no update), and the weights handed to the engine go to disk 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import namedtuple
@@ -146,11 +147,15 @@ def test_estimate_refuses_what_cannot_fit_and_names_the_knob(tmp_path):
     est = estimate(cfg, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"])
     assert not est.fits
     assert any("activation_checkpointing=true" in a for a in est.advice)
-    # the shipped example: one 141 GB GPU (H200) fits a Qwen3-4B student at 8K new tokens; one 80 GB GPU does not
+    # the shipped example: one 141 GB GPU (H200) fits a Qwen3-4B student at 8K new tokens, and so do two 80 GB
+    # GPUs; one 80 GB GPU fits only because the engine's share is derived (it gets what the trainer leaves): a
+    # fixed 0.35 share of it does not
     example = load_config("docker/run.example.yaml", [])
     assert estimate(example, 141 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
-    assert not estimate(example, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
     assert estimate(example, 80 * GIB, 2, 512, KNOWN_SHAPES["qwen3-4b"]).fits
+    assert estimate(example, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
+    fixed = load_config("docker/run.example.yaml", ["rollout.vllm_gpu_memory_utilization=0.35"])
+    assert not estimate(fixed, 80 * GIB, 1, 512, KNOWN_SHAPES["qwen3-4b"]).fits
     with pytest.raises(ConfigError, match="does not fit"):
         check_fits(cfg, 1.5 * GIB, 1, 512)  # less than the fixed CUDA overhead
 
@@ -212,3 +217,37 @@ def test_waking_the_rollout_engine_checks_its_memory_is_free(monkeypatch):
     assert not gen.asleep and ("wake", ("weights", "kv_cache")) in calls
     assert [c for c in calls if "lora" in c[0]] == [("add_lora", 1), ("add_lora", 2), ("remove_lora", 1)]
     assert not any(c[0] == "reload_weights" for c in calls)  # the base is never reloaded
+
+
+def test_the_engines_memory_share_is_derived_from_what_is_free(tmp_path, monkeypatch):
+    """rollout.vllm_gpu_memory_utilization unset: the engine takes what is free at its start less the
+    estimate's headroom, and, when it stays awake through the update, less what the update needs; the
+    estimate counts the same share; too little left is a ConfigError naming the knobs. (CUDA calls faked.)"""
+    from student_trainer.config import ConfigError, load_config
+    from student_trainer.estimate import FIT_FRACTION, GIB, KNOWN_SHAPES, engine_share, estimate
+
+    assert engine_share(60 * GIB, 80 * GIB) == math.floor((60 - (1 - FIT_FRACTION) * 80) / 80 * 1000) / 1000
+    assert engine_share(60 * GIB, 80 * GIB, 20 * GIB) < engine_share(60 * GIB, 80 * GIB)
+    assert engine_share(4 * GIB, 80 * GIB, 2 * GIB) == 0.0
+
+    example = load_config("docker/run.example.yaml", ["rollout.vllm_gpu_memory_utilization=null"])
+    shape = KNOWN_SHAPES["qwen3-4b"]
+    asleep = estimate(example, 141 * GIB, 1, 512, shape)
+    engine = next(x for x in asleep.generation if x.name.startswith("rollout engine"))
+    assert asleep.reserve_bytes == 0 and "derived" in engine.note
+    assert sum(x.nbytes for x in asleep.generation) <= FIT_FRACTION * 141 * GIB + 1  # takes the rest, no more
+    assert asleep.fits
+    awake = estimate(
+        load_config("docker/run.example.yaml", ["rollout.vllm_gpu_memory_utilization=null", "rollout.vllm_sleep=false"]),
+        141 * GIB, 1, 512, shape)
+    awake_engine = next(x for x in awake.generation if x.name.startswith("rollout engine"))
+    assert awake.reserve_bytes > 0 and awake_engine.nbytes < engine.nbytes
+
+    free = {"bytes": 50 * GIB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert rollout_vllm.derive_memory_share(0, 10 * GIB) == engine_share(50 * GIB, 80 * GIB, 10 * GIB)
+    free["bytes"] = 8 * GIB
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
+        rollout_vllm.derive_memory_share(0, 1 * GIB)
