@@ -4,9 +4,10 @@ Data parallel with FSDP2 (`torch.distributed.fsdp.fully_shard`): every decoder l
 (embeddings, final norm, lm_head) is the root unit, so each rank holds 1/N of the parameters, gradients and
 optimizer state. Each step's prompts are split across ranks; every rank generates its share, streams it to the
 teacher over its own connection, and backpropagates its share of the step's loss (normalised by the global
-token / sequence count, so the summed gradient equals the single-process one). Rank 0 logs and checkpoints.
-Checkpoints hold full (unsharded) weights in Hugging Face format and a full optimizer state keyed by parameter
-name, so a run can resume on any number of ranks, one included.
+token / sequence count, so the summed gradient equals the single-process one). Rank 0 logs. Checkpoints hold
+full (unsharded) weights in Hugging Face format, written by rank 0, and the weights and optimizer state as each
+rank's own shards (torch.distributed.checkpoint, keyed by parameter name; see student_trainer/checkpoint.py),
+so a run can resume on any number of ranks, one included.
 
 Mixed precision (model.dtype bfloat16 with optim.fp32_master_weights, the GPU default) also goes through
 FSDP2, in one process too (a process group of one): float32 weights, gradients and optimizer state, bfloat16

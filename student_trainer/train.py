@@ -42,7 +42,17 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from protocol.schema import ScoreBatch, SequenceResult
-from student_trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from student_trainer.checkpoint import (
+    begin_checkpoint,
+    commit_checkpoint,
+    has_sharded_state,
+    latest_checkpoint,
+    load_sharded_state,
+    load_trainer_state,
+    save_checkpoint,
+    save_sharded_state,
+    write_export,
+)
 from student_trainer.config import ConfigError, RunConfig, dump_config
 from student_trainer.data import Problem, PromptSampler, load_problems
 from student_trainer.estimate import check_fits, estimate
@@ -703,17 +713,25 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
 
 
 def checkpoint(run: Run, step: int) -> None:
-    """Full weights (LoRA: the adapter, in peft's format) and a name-keyed full optimizer state (collectives
-    when sharded), written by rank 0."""
-    weights = run.weights.full_state()
-    optim_state = full_optimizer_state(run.policy, run.optimizer)
+    """Full weights in Hugging Face format (LoRA: the adapter, in peft's format; gathered onto rank 0 when
+    sharded) and the trainer state. One process: the name-keyed full optimizer state goes into
+    trainer_state.pt. Several ranks: every rank writes its own shards of the weights and optimizer state to
+    `dcp/` (torch.distributed.checkpoint; no rank gathers the optimizer state), rank 0 the rest (see
+    student_trainer/checkpoint.py)."""
+    state = {"step": step, "scheduler": run.scheduler.state_dict(), "sampler": run.prompts.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    model, keep = run.model if run.peft is None else run.peft, run.cfg.train.keep_checkpoints
+    if run.ranks.world == 1:  # (mixed precision: FSDP over a group of one; its "gathers" copy nothing)
+        state["optimizer"] = full_optimizer_state(run.policy, run.optimizer)
+        save_checkpoint(run.run_dir, step, model, run.tokenizer, state, keep=keep, state_dict=run.weights.full_state())
+        return
+    tmp = begin_checkpoint(run.run_dir, step, run.ranks)  # rank 0 names it; every rank writes into it
+    save_sharded_state(tmp, run.policy, run.optimizer)
+    weights = run.weights.full_state()  # after the shards: the full weights are not held while they are written
     if run.ranks.main:
-        save_checkpoint(
-            run.run_dir, step, run.model if run.peft is None else run.peft, run.tokenizer,
-            {"step": step, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
-             "sampler": run.prompts.state_dict(), "torch_rng": torch.get_rng_state()},
-            keep=run.cfg.train.keep_checkpoints, state_dict=weights,
-        )
+        write_export(tmp, model, run.tokenizer, state, weights)
+    del weights
+    commit_checkpoint(run.run_dir, step, tmp, keep, run.ranks)  # rank 0 renames once every rank is done
     run.ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
 
@@ -846,6 +864,26 @@ def check_routing(cfg: RunConfig, problems: list[Problem], names: list[str]) -> 
     if unknown:
         raise ConfigError(f"data.teacher_field={field_name!r} names teachers {unknown[:5]} that teacher.teachers does not "
                           f"define (it has {names}): fix the data or add them to teacher.teachers")
+
+
+def restore(ckpt: Path, policy: Policy, optimizer: torch.optim.Optimizer, scheduler, prompts) -> int:
+    """Load a checkpoint's optimizer, scheduler, data position and RNG state; returns its step. The weights are
+    in `policy` already (read from the checkpoint's Hugging Face export). A sharded checkpoint (`dcp/`, written
+    by several ranks) loads on any number of ranks, each reading its own part of the shards (collective under
+    torchrun); one with the full optimizer state in trainer_state.pt (one process, or written before `dcp/`)
+    too."""
+    state = load_trainer_state(ckpt)
+    if "optimizer" in state:
+        load_optimizer_state(policy, optimizer, state["optimizer"])
+    elif has_sharded_state(ckpt):
+        init_optimizer_state(optimizer)  # DCP loads into existing tensors; theirs are overwritten
+        load_sharded_state(ckpt, policy, optimizer)
+    else:
+        raise ConfigError(f"{ckpt} holds no optimizer state: neither in trainer_state.pt nor in dcp/")
+    scheduler.load_state_dict(state["scheduler"])
+    prompts.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
 
 
 def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device | None) -> Run:
@@ -991,12 +1029,7 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     if ckpt is None:
         init_optimizer_state(optimizer)  # before the rollout engine takes its share of the GPU (resume loads it)
     else:
-        state = load_trainer_state(ckpt)
-        load_optimizer_state(policy, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        prompts.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step = int(state["step"])
+        start_step = restore(ckpt, policy, optimizer, scheduler, prompts)
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
     # ---- the sampler

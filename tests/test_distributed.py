@@ -6,15 +6,18 @@ reassociation: FSDP sums the ranks' gradients in another order than one process 
 Tolerance: losses to 1e-5 relative; weights to 2e-5 absolute after two AdamW steps at lr 1e-3 (Adam divides
 by sqrt(v), so a ~1e-7 relative gradient difference moves an update by ~1e-7 of lr; 2e-5 still sits 50x below
 the size of one update, so a mismatch of the data, the loss normalisation or the gradient averaging fails it).
-Checkpoints are full and keyed by name, so a 2-rank checkpoint resumes on 1 rank and vice versa.
+Checkpoints are keyed by name: a 2-rank run writes its weights and optimizer state as shards (each rank its own,
+torch.distributed.checkpoint, resharded on load), one process a full state; either resumes on 1 rank or 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,35 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
 
 
+def sharded_tensors(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """The global shapes of the tensors in a checkpoint's dcp/, by DCP's flattened key."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    return {k: tuple(v.size) for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def sharded_exp_avg(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """exp_avg's global shape by parameter name (`model.` + the Hugging Face name)."""
+    return {k.removeprefix("optimizer.state.").removesuffix(".exp_avg"): v for k, v in sharded_tensors(ckpt).items()
+            if k.startswith("optimizer.state.") and k.endswith(".exp_avg")}
+
+
+def assert_sharded_checkpoint(ckpt: Path, world: int) -> None:
+    """Written by `world` ranks: the HF export, a trainer_state.pt without the optimizer state, one DCP file per
+    rank holding the weights and optimizer state under their names with global (unsharded) shapes."""
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert "optimizer" not in state and {"step", "scheduler", "sampler", "torch_rng"} <= state.keys()
+    assert sorted(p.name for p in (ckpt / "dcp").iterdir()) == [".metadata", *(f"__{r}_0.distcp" for r in range(world))]
+    full = load_file(str(ckpt / "model.safetensors"))
+    tensors = sharded_tensors(ckpt)
+    assert {k.removeprefix("model.model.") for k in tensors if k.startswith("model.")} == set(full)
+    exp_avg = sharded_exp_avg(ckpt)
+    assert {k.removeprefix("model.") for k in exp_avg} == set(full)
+    assert all(exp_avg[k] == tuple(full[k.removeprefix("model.")].shape) for k in exp_avg)
+
+
 def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -123,21 +155,60 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(setup, single):
     run(cfg, 2)
     assert (run_dir / "checkpoints" / "step_000001").is_dir()
     assert not (run_dir / "checkpoints" / "step_000002").exists()
-    run(write_config(setup, run_dir), 1, "--resume")
+    assert_sharded_checkpoint(run_dir / "checkpoints" / "step_000001", world=2)
+    run(write_config(setup, run_dir), 1, "--resume")  # DCP reshards: one process reads both ranks' shards
     assert [r["step"] for r in steps(run_dir)] == [1, 2]
     assert_weights_close(weights(single, 2), weights(run_dir, 2))
 
-    # 1 process, stop after step 1 -> resume on 2 ranks for step 2
+    # 1 process, stop after step 1 -> resume on 2 ranks for step 2. The 1-process checkpoint holds the full
+    # optimizer state in trainer_state.pt, as every checkpoint did before dcp/: that format still resumes.
     run_dir = setup["dir"] / "one_then_two"
     run(write_config(setup, run_dir, "train.stop_after_steps=1"), 1)
-    run(write_config(setup, run_dir), 2, "--resume")
-    assert_weights_close(weights(single, 2), weights(run_dir, 2))
-    state = torch.load(run_dir / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
+    state = torch.load(run_dir / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=True)
     exp_avg = {k: v["exp_avg"] for k, v in state["optimizer"]["state"].items()}
     assert all(isinstance(k, str) for k in exp_avg)  # keyed by parameter name: loads on any number of ranks
-    full = weights(run_dir, 2)
-    assert {k.removeprefix("model.") for k in exp_avg} == set(full)
-    assert all(exp_avg[k].shape == full[k.removeprefix("model.")].shape for k in exp_avg)  # unsharded
+    assert not (run_dir / "checkpoints" / "step_000001" / "dcp").exists()
+    run(write_config(setup, run_dir), 2, "--resume")
+    assert_weights_close(weights(single, 2), weights(run_dir, 2))
+    assert_sharded_checkpoint(run_dir / "checkpoints" / "step_000002", world=2)
+
+
+def test_sharded_checkpoint_resumes_on_two_ranks_like_an_uninterrupted_run(setup, single):
+    """Two ranks save every step; a copy of the step-1 checkpoint resumed on two ranks reaches the step-2 loss,
+    weights and optimizer state of the uninterrupted run (measured: bit-identical), the weights, the moments and
+    the step count coming back from each rank's own shards: a resume that lost the moments or the step count
+    moves a weight by ~lr = 1e-3, 50x the tolerance."""
+    whole, split = setup["dir"] / "two_every_step", setup["dir"] / "two_resumed"
+    run(write_config(setup, whole, "train.save_every=1"), 2)
+    for step in (1, 2):
+        assert_sharded_checkpoint(whole / "checkpoints" / f"step_{step:06d}", world=2)
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_000001", split / "checkpoints" / "step_000001")
+    run(write_config(setup, split, "train.save_every=1"), 2, "--resume")
+    assert [r["step"] for r in steps(split)] == [2]
+    for k in ("loss/total", "loss/pg", "loss/div", "optim/grad_norm", "optim/lr"):
+        assert steps(split)[0][k] == pytest.approx(steps(whole)[1][k], rel=LOSS_TOL, abs=1e-7), k
+    a, b = weights(whole, 2), weights(split, 2)
+    assert_weights_close(a, b)
+    assert_weights_close(weights(single, 2), b)
+    ma, mb = moments(whole, 2), moments(split, 2)
+    assert ma.keys() == mb.keys() and len(ma) == 2 * len(a)
+    assert all(torch.allclose(ma[k], mb[k], rtol=1e-4, atol=1e-12) for k in ma)
+    print(f"resumed vs uninterrupted: weights bit-identical {all(torch.equal(a[k], b[k]) for k in a)}, "
+          f"moments bit-identical {all(torch.equal(ma[k], mb[k]) for k in ma)}")
+
+
+def moments(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """AdamW's exp_avg and exp_avg_sq of a sharded checkpoint, unsharded: DCP read in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
+    out = {k: torch.empty(v) for k, v in sharded_tensors(ckpt).items()
+           if k.startswith("optimizer.state.") and k.endswith((".exp_avg", ".exp_avg_sq"))}
+    with warnings.catch_warnings():  # no process group here, on purpose
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(out, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+    return out
 
 
 def test_prompts_split_into_whole_chunks_with_single_process_seeds():
@@ -248,8 +319,7 @@ def test_activation_checkpointing_gives_the_same_update(setup, single):
     two = setup["dir"] / "ac_two"
     run(write_config(setup, two, "optim.activation_checkpointing=true"), 2)
     assert_weights_close(weights(single, 2), weights(two, 2))
-    state = torch.load(two / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=True)
-    assert {k.removeprefix("model.") for k in state["optimizer"]["state"]} == set(weights(two, 2))
+    assert_sharded_checkpoint(two / "checkpoints" / "step_000002", world=2)  # Hugging Face names in dcp/ too
 
 
 def lora_adapter(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
