@@ -144,6 +144,11 @@ class TeacherSection(_Section):
         "vocabulary and pays below ~1 Gbit/s; set none for a faster link, where compressing costs more time than "
         "the bytes save (see bench/codec.py)."
     )
+    max_in_flight: int = Field(
+        4, ge=1, description="Scoring requests this rank keeps in flight per teacher: a chunk of rollouts goes out "
+        "as soon as it is generated, without waiting for earlier chunks' answers, so round trips to a distant "
+        "teacher overlap generation and each other (see bench/remote.py). The teacher's admission limits still apply."
+    )
     timeout_s: float = Field(600.0, gt=0, description="Read timeout of one scoring request.")
     max_retries: int = Field(8, ge=0, description="Retries per request on connection errors / 429 / 502 / 503.")
     max_backoff_s: float = Field(30.0, gt=0, description="Longest wait between two retries (a Retry-After is capped to it).")

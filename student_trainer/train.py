@@ -210,9 +210,10 @@ class Scored:
 class StreamingScorer:
     """Submits each finished chunk of rollouts to the teacher at once; scoring overlaps the next generation."""
 
-    def __init__(self, teacher: TeacherClient, ref: TeacherClient | None, top_k: int, outage_timeout_s: float):
+    def __init__(self, teacher: TeacherClient, ref: TeacherClient | None, top_k: int, outage_timeout_s: float,
+                 max_in_flight: int = 4):
         self.teacher, self.ref, self.top_k, self.outage_timeout_s = teacher, ref, top_k, outage_timeout_s
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="score")
+        self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="score")
 
     def submit(self, rollouts: list[Rollout]) -> Future:
         return self.pool.submit(self._score, rollouts)
@@ -1056,7 +1057,8 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
     if lora is not None and cfg.rollout.engine == "vllm":
         generator.after_update(weights)  # the engine serves the base; from here on it samples with the adapter
 
-    scorers = {n: StreamingScorer(c, ref, endpoints[n][1], cfg.teacher.outage_timeout_s) for n, c in teachers.items()}
+    scorers = {n: StreamingScorer(c, ref, endpoints[n][1], cfg.teacher.outage_timeout_s,
+                                  cfg.teacher.max_in_flight) for n, c in teachers.items()}
     run = Run(
         cfg=cfg, ranks=ranks, run_dir=run_dir, device=device, tokenizer=tokenizer, model=model, peft=peft_model,
         policy=policy, weights=weights, eval_problems=eval_problems, prompts=prompts, chunks=chunks,
