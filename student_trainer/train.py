@@ -905,8 +905,10 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         )
     if cfg.rollout.engine == "vllm" and int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) != ranks.world:
         raise ConfigError(
-            "rollout.engine=vllm on several nodes is not supported: the ranks' engines reload the weights rank 0 "
-            "writes to its /dev/shm; run on one node, or use rollout.engine=hf"
+            "rollout.engine=vllm on several nodes is not supported: after each step every rank's engine reloads "
+            "the weights that rank 0 writes to its own node's /dev/shm, which the other nodes cannot read (it would "
+            "need the full weights on each node's local rank 0, written per node). Run the trainer on one node, "
+            "or use rollout.engine=hf (FSDP2 over several nodes works with it)"
         )
     torch.manual_seed(cfg.train.seed)
     ckpt = latest_checkpoint(run_dir) if resume else None

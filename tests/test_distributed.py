@@ -422,3 +422,16 @@ def test_rank0_loading_gives_every_rank_the_same_shards(tmp_path, tiny_model_dir
     for x in lines:
         assert x["params_equal"] and x["buffers_equal"] and x["replica_equal"] and x["logits_equal"], x
         assert x["replica_tied"] == tied
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (its absence is refused first)")
+def test_vllm_rollouts_on_several_nodes_are_refused_before_anything_loads(setup, monkeypatch):
+    """torchrun on two nodes (LOCAL_WORLD_SIZE 1 of WORLD_SIZE 2): the engines could not read rank 0's weights, so
+    the run stops at once, naming the cause and the two ways out; no process group is needed to get there."""
+    from student_trainer import train
+
+    cfg = make_cfg(setup["student"], setup["url"], (setup["dir"] / "train.jsonl", setup["dir"] / "eval.jsonl"),
+                   setup["dir"] / "multinode", "rollout.engine=vllm")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"several nodes.*/dev/shm.*one node.*rollout.engine=hf"):
+        train.setup(cfg, False, Ranks(rank=1, world=2, local_rank=0), None)
