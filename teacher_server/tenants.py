@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from protocol.codec import ProtocolError
+from teacher_server.engines.base import score_priority
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +236,22 @@ class Tenants:
 class FairGate:
     """Admits work into the engine under `capacity` tokens in flight; waiting work is admitted by start-time
     fair queueing over tenants (weights), or in arrival order (`fair=False`). A request larger than the
-    capacity is admitted alone once nothing is in flight."""
+    capacity is admitted alone once nothing is in flight.
+
+    The latency lane (fair only): a request whose start tag is not behind any waiting request's (a tenant below
+    its share: it would be next anyway) is admitted at once, beyond the capacity, with the priority `LANE`, so
+    the engine runs it in the next forward, without other work (teacher_server/engines/hf.py), instead of
+    after the capacity's worth admitted ahead of it. A light tenant then waits for the forward in flight and
+    its own, as alone it waits for its own. It costs nothing in fairness: the tag is charged as for any
+    request, so a tenant that keeps sending runs ahead of the others' tags and waits in the queue like them.
+    At most half the capacity in tokens is in the lane at once."""
+
+    LANE = -1.0  # the engine priority of lane requests; queued ones get their start tag (>= 0), FIFO ones 0
 
     def __init__(self, capacity: int, fair: bool = True):
         self.capacity, self.fair = capacity, fair
         self.in_flight = 0
+        self.lane_in_flight = 0
         self._heap: list[tuple[float, int, int, asyncio.Future]] = []
         self._seq = itertools.count()
         self._vtime = 0.0
@@ -255,13 +267,19 @@ class FairGate:
     def _fits(self, tokens: int) -> bool:
         return self.in_flight == 0 or self.in_flight + tokens <= self.capacity
 
-    async def acquire(self, tenant: Tenant, tokens: int) -> float:
-        """Wait for admission; returns the seconds waited."""
+    async def acquire(self, tenant: Tenant, tokens: int) -> tuple[float, float]:
+        """Wait for admission; returns (seconds waited, the request's priority in the engine: `LANE`, or its
+        start tag). Release it with `release(tokens, priority)`."""
         tag = self._tag(tenant, tokens)
         if not self._heap and self._fits(tokens):
             self._vtime = max(self._vtime, tag)
             self.in_flight += tokens
-            return 0.0
+            return 0.0, tag
+        if self.fair and self._heap and tag <= self._heap[0][0] and self.lane_in_flight + tokens <= self.capacity // 2:
+            self._vtime = max(self._vtime, tag)
+            self.in_flight += tokens
+            self.lane_in_flight += tokens
+            return 0.0, self.LANE
         t0 = time.perf_counter()
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (tag, next(self._seq), tokens, fut))
@@ -269,16 +287,18 @@ class FairGate:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # admitted, then the client went away
-                self.release(tokens)
+                self.release(tokens, tag)
             else:
                 self._heap = [e for e in self._heap if e[3] is not fut]
                 heapq.heapify(self._heap)
                 self._dispatch()
             raise
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, tag
 
-    def release(self, tokens: int) -> None:
+    def release(self, tokens: int, priority: float = 0.0) -> None:
         self.in_flight -= tokens
+        if priority == self.LANE:
+            self.lane_in_flight -= tokens
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -310,14 +330,16 @@ class GatedEngine:
             return self._count(st, await self._inner.score(batch))
         self._tenants.charge_tokens(st, tokens)
         try:
-            waited = await self._gate.acquire(st.tenant, tokens)
+            waited, priority = await self._gate.acquire(st.tenant, tokens)
             st.queue_wait_s += waited
             st.queued += 1
             self._metrics.tenant_queue_wait.labels(tenant=st.tenant.name).observe(waited)
+            token = score_priority.set(priority)
             try:
                 result = await self._inner.score(batch)
             finally:
-                self._gate.release(tokens)
+                score_priority.reset(token)
+                self._gate.release(tokens, priority)
             return self._count(st, result)
         finally:
             self._tenants.release_tokens(st, tokens)

@@ -249,3 +249,41 @@ def test_an_idle_tenant_banks_no_credit():
 
     order = asyncio.run(run())
     assert order.count("a") == order.count("b") == 4 and set(order[:2]) == {"a", "b"}  # b is not starved, a not owed
+
+
+def test_a_light_tenant_ahead_of_the_backlog_takes_the_latency_lane():
+    """A heavy tenant keeps the gate full (8 x 10 tokens) with a backlog. A light tenant's requests whose start
+    tags are not behind the backlog's head are admitted at once beyond the capacity, in the latency lane (the
+    engine runs them next, alone); of a burst of three, the third is tagged behind the head and queues. The lane
+    holds at most half the capacity: of five idle tenants arriving at once, the fifth queues. FIFO never jumps
+    the line."""
+
+    async def run(fair: bool, lights: list[str]):
+        gate = FairGate(capacity=80, fair=fair)
+        heavy = Tenant("heavy")
+        for _ in range(8):
+            await gate.acquire(heavy, 10)  # the engine is full
+        queued = [asyncio.create_task(gate.acquire(heavy, 10)) for _ in range(5)]
+        await asyncio.sleep(0)
+        tenants = {n: Tenant(n) for n in lights}
+        burst = [asyncio.create_task(gate.acquire(tenants[n], 10)) for n in lights]
+        await asyncio.sleep(0)
+        admitted = [t.result()[1] if t.done() else None for t in burst]
+        state = (admitted, gate.in_flight, gate.lane_in_flight)
+        for t in [*queued, *burst]:
+            t.cancel()
+        await asyncio.gather(*queued, *burst, return_exceptions=True)
+        return state
+
+    lane = FairGate.LANE
+    assert asyncio.run(run(True, ["light"] * 3)) == ([lane, lane, None], 100, 20)
+    assert asyncio.run(run(True, list("abcde"))) == ([lane] * 4 + [None], 120, 40)
+    assert asyncio.run(run(False, ["a", "b"])) == ([None, None], 80, 0)
+
+
+def test_the_hf_engine_runs_lane_work_first_and_alone_then_by_priority_and_arrival():
+    from teacher_server.engines.hf import _Job
+
+    batch = ScoreBatch.from_sequences([([1, 2, 3], 1)], 1)
+    jobs = [_Job(p, i, batch, None) for i, p in enumerate([5.0, 0.0, FairGate.LANE, 5.0, 1.0, 0.0])]
+    assert [j.seq for j in sorted(jobs)] == [2, 1, 5, 4, 0, 3]

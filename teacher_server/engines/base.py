@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,11 @@ from protocol.schema import ScoreBatch, ScoreResult
 
 # Called once per forward pass an engine runs: (requests, sequences, tokens) that the forward served.
 ForwardObserver = Callable[[int, int, int], None]
+
+
+# The order in which admitted scoring work should enter a forward: the fair gate's start tag of the request
+# (teacher_server/tenants.py), lowest first; 0.0 (the default) for every request keeps arrival order.
+score_priority: contextvars.ContextVar[float] = contextvars.ContextVar("aopd_score_priority", default=0.0)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """transformers engine: the reference backend (CPU or CUDA).
 
 Concurrent `score` calls are coalesced by a batcher: requests that arrive while a forward runs (or within
-`batch_wait_ms`) join the next forward, up to `max_tokens_per_batch` padded tokens. Sequences are sorted by
+`batch_wait_ms`) join the next forward, up to `max_tokens_per_batch` padded tokens, taken in the order of their
+`score_priority` (the fair gate's start tags; arrival order without tenants). Work in the gate's latency lane
+(negative priority) goes first, in a forward of its own. Sequences are sorted by
 length inside a forward to keep padding small. Only the scored positions' hidden states go through the
 output layer, `logits_chunk_size` rows at a time, so [all tokens, V] float32 logits never exist at once.
 
@@ -12,6 +14,7 @@ K = top-k, V = vocabulary.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,7 @@ import torch
 from generation.hf import load_causal_lm, sample
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.schema import ScoreBatch, ScoreResult
-from teacher_server.engines.base import EngineInfo, ScoringEngine
+from teacher_server.engines.base import EngineInfo, ScoringEngine, score_priority
 from teacher_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,11 +41,16 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, _DTYPES[dtype]
 
 
-@dataclass
+@dataclass(order=True)
 class _Job:
-    batch: ScoreBatch
-    future: asyncio.Future
-    tokens: int = field(init=False)
+    """Queued work, ordered by (priority, arrival): the fair gate's start tag when there is one, so a request the
+    gate put first also goes first into the next forward; arrival order otherwise (all priorities 0)."""
+
+    priority: float
+    seq: int
+    batch: ScoreBatch = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    tokens: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         self.tokens = self.batch.num_tokens
@@ -51,7 +59,8 @@ class _Job:
 class HFEngine(ScoringEngine):
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._queue: asyncio.PriorityQueue[_Job] | None = None
+        self._seq = itertools.count()
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
         self._failed: BaseException | None = None
@@ -62,7 +71,7 @@ class HFEngine(ScoringEngine):
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.PriorityQueue()
         self._worker = asyncio.create_task(self._batch_loop(), name="hf-batcher")
 
     def _load(self) -> None:
@@ -126,7 +135,7 @@ class HFEngine(ScoringEngine):
     async def score(self, batch: ScoreBatch) -> ScoreResult:
         if self._queue is None:
             raise RuntimeError("engine not started")
-        job = _Job(batch, asyncio.get_running_loop().create_future())
+        job = _Job(score_priority.get(), next(self._seq), batch, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
         return await job.future
 
@@ -138,9 +147,20 @@ class HFEngine(ScoringEngine):
         while True:
             jobs = [await self._queue.get()]
             tokens = jobs[0].tokens
+            lane = jobs[0].priority < 0  # the gate's latency lane: a forward of lane work only, not filled up
             deadline = loop.time() + wait_s
             # Coalesce: everything already queued, plus whatever arrives within the wait window.
             while tokens < budget:
+                if lane:  # other lane work already queued, nothing else, no waiting
+                    if self._queue.empty():
+                        break
+                    job = self._queue.get_nowait()  # the queue's smallest: lane work first, if there is any
+                    if job.priority >= 0:
+                        self._queue.put_nowait(job)
+                        break
+                    jobs.append(job)
+                    tokens += job.tokens
+                    continue
                 try:
                     timeout = max(0.0, deadline - loop.time())
                     job = self._queue.get_nowait() if timeout == 0 else await asyncio.wait_for(self._queue.get(), timeout)
