@@ -414,10 +414,10 @@ def test_rank0_loading_gives_every_rank_the_same_shards(tmp_path, tiny_model_dir
                              seed=5, tokenizer_dir=tiny_model_dir, tie_word_embeddings=tied)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "tests" / "workers" / "load_ranks.py"), str(model)]
+           str(REPO / "tests" / "workers" / "load_ranks.py"), str(model), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
-    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    lines = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(x["rank"] for x in lines) == [0, 1]
     for x in lines:
         assert x["params_equal"] and x["buffers_equal"] and x["replica_equal"] and x["logits_equal"], x

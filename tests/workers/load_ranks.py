@@ -3,12 +3,14 @@
 `every`: each rank reads the full model from disk, then shards it (what setup did before rank-0 loading).
 `rank0`: rank 0 reads it, the other ranks build it on the meta device, and `fill_from_rank0` broadcasts.
 Both are sharded the same way; each rank checks that its local shards and buffers are bit-identical, and that
-an HF replica built from the rank-0-loaded policy equals the model on disk. Prints one JSON line per rank.
-usage: torchrun --nproc-per-node 2 tests/workers/load_ranks.py MODEL_DIR
+an HF replica built from the rank-0-loaded policy equals the model on disk. Writes OUT_DIR/rank<r>.json per rank
+(a file each: two ranks printing to one pipe can interleave their lines).
+usage: torchrun --nproc-per-node 2 tests/workers/load_ranks.py MODEL_DIR OUT_DIR
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,9 +53,9 @@ def main() -> None:
     tied = replica.get_output_embeddings().weight is replica.get_input_embeddings().weight
     x = torch.tensor([[1, 2, 3, 4]])
     logits_equal = torch.equal(replica(x).logits, disk(x).logits)
-    print(json.dumps({"rank": ranks.rank, "params_equal": params_equal, "buffers_equal": buffers_equal,
-                      "replica_equal": replica_equal, "replica_tied": tied, "logits_equal": logits_equal,
-                      "n_params": len(names)}), flush=True)
+    result = {"rank": ranks.rank, "params_equal": params_equal, "buffers_equal": buffers_equal,
+              "replica_equal": replica_equal, "replica_tied": tied, "logits_equal": logits_equal, "n_params": len(names)}
+    (Path(sys.argv[2]) / f"rank{ranks.rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
