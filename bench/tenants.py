@@ -9,8 +9,8 @@ tokens (binary encoding, K = 8). The heavy tenant alone saturates the engine, an
 request waiting, so all three are backlogged. Phases, in one run: the light tenant alone (its baseline
 latency); equal weights under `--scheduling fifo` (today's behaviour before tenants) and `fair`; then weights
 2:1:1 (the fair server re-reads its keys file on SIGHUP). Per phase and tenant: the share of scored positions
-per second as the clients saw it and as the server counted it (`/v1/usage`), p50/p99 request latency, and
-Jain's fairness index of the weight-normalised throughputs.
+per second as the clients saw it and as the server counted it (`/v1/usage`), p50/p99 request latency, the mean
+wait in the server's fair gate (`/v1/usage`), and Jain's fairness index of the weight-normalised throughputs.
 
 Latency, in the same run: closed-loop clients are backlogged by construction, so a light tenant's latency there
 is its backlog over its share (Little's law), not what a light user sees. A light tenant in the 8:1:1 mix is
@@ -109,11 +109,11 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
             stats[name]["positions"] += positions
             stats[name]["lat"].append(t1 - t0)
 
-    async def usage(client) -> dict[str, int]:
+    async def usage(client) -> dict[str, dict]:
         out = {}
         for n in stats:
             r = await client.get("/v1/usage", headers={"authorization": f"Bearer {KEYS[n]}"})
-            out[n] = int(r.json()["tokens_scored"])
+            out[n] = r.json()
         return out
 
     async def server_counts(client):
@@ -124,7 +124,9 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
         await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
         after = await usage(client)
         for n in stats:
-            stats[n]["server_rate"] = (after[n] - before[n]) / seconds
+            stats[n]["server_rate"] = (after[n]["tokens_scored"] - before[n]["tokens_scored"]) / seconds
+            wa, wb = after[n]["queue_wait_s"], before[n]["queue_wait_s"]
+            stats[n]["gate_wait_ms"] = 1000 * (wa["total"] - wb["total"]) / max(wa["count"] - wb["count"], 1)
 
     limits = httpx.Limits(max_connections=sum(loops.values()) + 6 + 64 * len(open_loop))
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
@@ -153,14 +155,14 @@ def report(title: str, stats: dict[str, dict], weights: dict[str, float]) -> dic
     wsum = sum(weights[n] for n in stats)
     print(f"\n{title}")
     print(f"{'tenant':<9}{'weight':>7}{'share':>8}{'server':>8}{'fair share':>11}{'positions/s':>13}{'p50 ms':>9}"
-          f"{'p99 ms':>9}")
+          f"{'p99 ms':>9}{'gate ms':>9}")
     p99 = {}
     for n, s in stats.items():
         lat = np.array(s["lat"]) * 1000
         p99[n] = float(np.percentile(lat, 99)) if lat.size else float("nan")
         print(f"{n:<9}{weights[n]:>7g}{s['rate'] / total:>8.3f}{s['server_rate'] / server_total:>8.3f}"
               f"{weights[n] / wsum:>11.3f}{s['rate']:>13.0f}"
-              f"{(np.percentile(lat, 50) if lat.size else float('nan')):>9.0f}{p99[n]:>9.0f}")
+              f"{(np.percentile(lat, 50) if lat.size else float('nan')):>9.0f}{p99[n]:>9.0f}{s['gate_wait_ms']:>9.0f}")
     if len(stats) > 1:
         print(f"Jain's index of throughput / weight: {jain([s['rate'] / weights[n] for n, s in stats.items()]):.3f} "
               f"(server's counts: {jain([s['server_rate'] / weights[n] for n, s in stats.items()]):.3f}); "
