@@ -24,6 +24,15 @@ ASSETS = Path(__file__).parent / "assets"
 DATA = Path(__file__).parent / "data"
 
 
+def new_student(tok, hidden: int, layers: int, lr: float, seed: int):
+    """A fresh student, its AdamW and its schedule (warm-up then constant: a checkpoint's strength depends on its
+    step only, not on the run's length)."""
+    student = qwen3(tok, hidden, layers, hidden // 64, 1, seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    return student, opt, sched
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default=str(ASSETS / "teacher"))
@@ -66,10 +75,7 @@ def main() -> None:
     print(f"teacher pool: {len(pool)} solutions ({time.time() - t0:.0f}s)", flush=True)
 
     rng = random.Random(a.seed)
-    student = qwen3(tok, a.hidden, a.layers, a.hidden // 64, 1, a.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    # warm-up then constant: a checkpoint's strength depends on its step only, not on the run's length
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    student, opt, sched = new_student(tok, a.hidden, a.layers, a.lr, a.seed)
     lines = []
     for step in range(1, a.strong_steps + 1):
         sft_step(student, opt, sched, tok, rng.sample(pool, a.batch))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -26,11 +27,13 @@ N_FILLER = 400
 LOW, HIGH = 100, 999
 
 
-def build_tokenizer(out_dir: str | Path | None = None):
+def build_tokenizer(out_dir: str | Path | None = None, extra_words: Sequence[str] = ()):
+    """The word-level tokenizer; `extra_words` (another toy task's own words, e.g. `wait`) go after WORDS and
+    before the fillers, so the default vocabulary is the addition task's, unchanged."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + [f"w{i}" for i in range(N_FILLER)])}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + list(extra_words) + [f"w{i}" for i in range(N_FILLER)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.Fuse()  # "\boxed{762}", not "\boxed{ 7 6 2 }"

@@ -48,7 +48,11 @@ def sft_batch(tokenizer, pairs_or_texts: list[tuple[str, str]]):
 
 
 def sft_step(model, opt, sched, tokenizer, batch) -> float:
-    ids, mask, lab = sft_batch(tokenizer, batch)
+    return optimizer_step(model, opt, sched, *sft_batch(tokenizer, batch))
+
+
+def optimizer_step(model, opt, sched, ids, mask, lab) -> float:
+    """One clipped AdamW step on the labelled batch; returns its loss."""
     loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
