@@ -278,6 +278,28 @@ class TrainSection(_Section):
     )
 
 
+class DriftSection(_Section):
+    """The drift monitor (student_trainer/drift.py): a warning in the log and drift/alarm = 1 in metrics.jsonl when
+    the run shows the signature AOPD's collapse had in our toy reproduction (docs/results/RESULTS.md): policy
+    entropy climbing while the student's confidence falls below the teacher's and the intervention ratio rises."""
+
+    enabled: bool = Field(True, description="Watch each step's metrics for the drift signature (drift/* metrics, one "
+                          "warning at the first alarm naming the settings that did not drift); false: off.")
+    baseline_steps: int = Field(10, ge=1, description="The baseline of each signal is its mean over the run's first "
+                                "this many steps.")
+    window: int = Field(5, ge=1, description="Each signal is compared as its mean over the last this many steps, from "
+                        "step baseline_steps + window on (the window never overlaps the baseline).")
+    patience: int = Field(3, ge=1, description="Alarm once the signature has held on this many consecutive steps.")
+    entropy_rise: float = Field(0.03, description="Entropy condition: the window's policy/entropy is above the "
+                                "baseline's by at least this many nats per token ...")
+    entropy_rise_frac: float = Field(0.1, description="... and by at least this fraction of the baseline.")
+    gap_margin: float = Field(0.01, description="Confidence condition: the window's conf/gap_sampled (p_S(y) - p_T(y) "
+                              "on sampled tokens) is at most -gap_margin.")
+    intervention_rise: float = Field(0.02, description="Intervention condition: the window's aopd/intervention_ratio "
+                                     "is above the baseline's by at least this much (a mode that does not log it, or "
+                                     "logs a constant, never alarms).")
+
+
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run label in plots (default: the run directory's name).")
     loss: LossSection = LossSection()
@@ -287,6 +309,7 @@ class RunConfig(_Section):
     rollout: RolloutSection = RolloutSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    drift: DriftSection = DriftSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

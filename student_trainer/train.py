@@ -13,6 +13,7 @@ setup -> per step: problems -> rollout and score -> before update -> update -> a
 - update: micro-batches by `optim.micro_batch_size` (or a token budget over length-sorted sequences), fused
   per-token losses (the [N, V] logits never exist), gradients accumulated, clip, optimizer and scheduler step.
 - record: per-token metric sums reduced over micro-batches and ranks by name, divided by the step's tokens.
+  Rank 0's drift monitor (student_trainer/drift.py) adds drift/* and warns once at the signature of a collapse.
 
 Under torchrun every rank runs this loop on its share of the prompts (student_trainer/parallel.py); rank 0
 logs and writes checkpoints.
@@ -55,6 +56,7 @@ from student_trainer.checkpoint import (
 )
 from student_trainer.config import ConfigError, RunConfig, dump_config
 from student_trainer.data import Problem, PromptSampler, load_problems
+from student_trainer.drift import DriftMonitor, read_train_records
 from student_trainer.estimate import check_fits, estimate
 from student_trainer.evaluate import eval_metrics, evaluate, is_correct
 from student_trainer.lora import (
@@ -683,6 +685,8 @@ def record_step(run: Run, step: int, problems: list[Problem], batch: StepBatch, 
         record[f"teacher/{n}/latency_ms"] = 1000 * pt["latency_s"] / max(pt["requests"], 1)
     if run.device.type == "cuda":
         record["memory/device_peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    if run.drift is not None:  # the reduced record: what every rank contributed
+        record.update(run.drift.observe(record))
     run.log(record)
     print(
         f"step {step:05d}/{cfg.train.steps:05d} | loss {record.get('loss/total', record.get('loss/nll', 0.0)):.4f} "
@@ -815,6 +819,7 @@ class Run:
     scorers: dict[str, StreamingScorer]  # one per teacher, same names
     default_teacher: str = "default"  # the first: seqkd's, and usually the only one
     metrics_file: Any = None  # rank 0 only
+    drift: DriftMonitor | None = None  # rank 0 only; None with drift.enabled=false
     tb: Any = None
 
     def log(self, record: dict[str, Any]) -> None:  # rank 0 only
@@ -1068,6 +1073,11 @@ def setup(cfg: RunConfig, resume: bool, ranks: Ranks, rank_device: torch.device 
         scorers=scorers, default_teacher=default,
     )
     if ranks.main:
+        if cfg.drift.enabled:  # resumed: rebuilt from the records this run logged up to the checkpoint
+            run.drift = DriftMonitor(cfg.drift)
+            run.drift.replay(read_train_records(run_dir / "metrics.jsonl", upto=start_step) if start_step else [])
+            if run.drift.first_alarm_step is not None:
+                logger.info("drift alarm first raised at step %d, before this resume", run.drift.first_alarm_step)
         run.metrics_file = open(run_dir / "metrics.jsonl", "a")
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
