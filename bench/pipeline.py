@@ -63,6 +63,25 @@ class InProcessTeacher:
         pass
 
 
+def toy_models(tmp: Path, a) -> tuple[Path, Path, Path, int, int]:
+    """A teacher and a smaller student (tiny Qwen3s sharing one tokenizer, shaped by `a`'s --teacher-*/--student-*)
+    and 100 addition prompts under `tmp`: (teacher dir, student dir, data file, teacher params, student params)."""
+    from safetensors.torch import load_file
+
+    from student_trainer.tiny_models import build_tiny_model
+
+    teacher_dir = build_tiny_model(tmp / "teacher", hidden_size=a.teacher_hidden, num_layers=a.teacher_layers,
+                                   num_heads=max(1, a.teacher_hidden // 64), num_kv_heads=1,
+                                   intermediate_size=4 * a.teacher_hidden, seed=0)
+    student_dir = build_tiny_model(tmp / "student", hidden_size=a.student_hidden, num_layers=a.student_layers,
+                                   num_heads=max(1, a.student_hidden // 64), intermediate_size=2 * a.student_hidden,
+                                   seed=1, tokenizer_dir=teacher_dir)
+    data = tmp / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i} + {j} =", "answer": str(i + j)}) for i in range(10) for j in range(10)))
+    params = [sum(v.numel() for v in load_file(str(d / "model.safetensors")).values()) for d in (teacher_dir, student_dir)]
+    return teacher_dir, student_dir, data, *params
+
+
 def median_step(run_dir: Path) -> dict[str, float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "timing/step_s" in r][1:]  # drop warm-up step
@@ -89,22 +108,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from student_trainer import train as train_mod
     from student_trainer.config import load_config
-    from student_trainer.tiny_models import build_tiny_model
     from teacher_server.process import free_port, serve_in_subprocess
 
     tmp = Path(tempfile.mkdtemp(prefix="aopd-bench-pipeline-"))
-    teacher_dir = build_tiny_model(tmp / "teacher", hidden_size=a.teacher_hidden, num_layers=a.teacher_layers,
-                                   num_heads=max(1, a.teacher_hidden // 64), num_kv_heads=1,
-                                   intermediate_size=4 * a.teacher_hidden, seed=0)
-    student_dir = build_tiny_model(tmp / "student", hidden_size=a.student_hidden, num_layers=a.student_layers,
-                                   num_heads=max(1, a.student_hidden // 64), intermediate_size=2 * a.student_hidden,
-                                   seed=1, tokenizer_dir=teacher_dir)
-    data = tmp / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"{i} + {j} =", "answer": str(i + j)}) for i in range(10) for j in range(10)))
-    from safetensors.torch import load_file
-
-    t_params = sum(v.numel() for v in load_file(str(teacher_dir / "model.safetensors")).values())
-    s_params = sum(v.numel() for v in load_file(str(student_dir / "model.safetensors")).values())
+    teacher_dir, student_dir, data, t_params, s_params = toy_models(tmp, a)
 
     def cfg(run: str, url: str, *extra: str):
         return load_config(None, [

@@ -93,21 +93,10 @@ def main() -> None:
         sys.exit(f"--paths {a.paths}: choose among {','.join(PATHS)}")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from safetensors.torch import load_file
-
-    from student_trainer.tiny_models import build_tiny_model
+    from bench.pipeline import toy_models
 
     tmp = Path(tempfile.mkdtemp(prefix="aopd-bench-remote-"))
-    teacher_dir = build_tiny_model(tmp / "teacher", hidden_size=a.teacher_hidden, num_layers=a.teacher_layers,
-                                   num_heads=max(1, a.teacher_hidden // 64), num_kv_heads=1,
-                                   intermediate_size=4 * a.teacher_hidden, seed=0)
-    student_dir = build_tiny_model(tmp / "student", hidden_size=a.student_hidden, num_layers=a.student_layers,
-                                   num_heads=max(1, a.student_hidden // 64), intermediate_size=2 * a.student_hidden,
-                                   seed=1, tokenizer_dir=teacher_dir)
-    data = tmp / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"{i} + {j} =", "answer": str(i + j)}) for i in range(10) for j in range(10)))
-    t_params = sum(v.numel() for v in load_file(str(teacher_dir / "model.safetensors")).values())
-    s_params = sum(v.numel() for v in load_file(str(student_dir / "model.safetensors")).values())
+    teacher_dir, student_dir, data, t_params, s_params = toy_models(tmp, a)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     seqs_per_step = a.prompts_per_step * a.samples
 

@@ -65,20 +65,25 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
     t_start = time.perf_counter()
     t_end = t_start + warmup + seconds
 
-    async def loop(client, name):
+    async def post(client, name) -> tuple[float, float]:
+        """One scoring request as `name`; returns its send and answer times (and learns the positions per request)."""
         nonlocal positions
         headers = {"authorization": f"Bearer {KEYS[name]}", "content-type": "application/msgpack",
                    "accept": "application/msgpack"}
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            r = await client.post("/v1/score", content=body, headers=headers)
-            t1 = time.perf_counter()
-            if r.status_code != 200:
-                raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
-            if positions is None:
-                from protocol import codec
+        t0 = time.perf_counter()
+        r = await client.post("/v1/score", content=body, headers=headers)
+        t1 = time.perf_counter()
+        if r.status_code != 200:
+            raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
+        if positions is None:
+            from protocol import codec
 
-                positions = int(codec.decode_response_msgpack(r.content).token_logprobs_N.size)
+            positions = int(codec.decode_response_msgpack(r.content).token_logprobs_N.size)
+        return t0, t1
+
+    async def loop(client, name):
+        while time.perf_counter() < t_end:
+            t0, t1 = await post(client, name)
             if t_start + warmup <= t1 <= t_end:  # throughput: what completed in the window, whenever it was sent
                 stats[name]["positions"] += positions
             if t0 >= t_start + warmup and t1 <= t_end:  # latency: requests sent and answered in the window
@@ -93,18 +98,7 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
         await asyncio.gather(*(one(t) for t in times))
 
     async def send(client, name, counted):
-        nonlocal positions
-        headers = {"authorization": f"Bearer {KEYS[name]}", "content-type": "application/msgpack",
-                   "accept": "application/msgpack"}
-        t0 = time.perf_counter()
-        r = await client.post("/v1/score", content=body, headers=headers)
-        t1 = time.perf_counter()
-        if r.status_code != 200:
-            raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
-        if positions is None:
-            from protocol import codec
-
-            positions = int(codec.decode_response_msgpack(r.content).token_logprobs_N.size)
+        t0, t1 = await post(client, name)
         if counted:
             stats[name]["positions"] += positions
             stats[name]["lat"].append(t1 - t0)
