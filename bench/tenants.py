@@ -60,13 +60,14 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
     import httpx
 
     open_loop = open_loop or {}
-    stats = {n: {"positions": 0, "lat": []} for n in [*loops, *open_loop]}
+    stats = {n: {"positions": 0, "lat": [], "stages": []} for n in [*loops, *open_loop]}
     positions = None
     t_start = time.perf_counter()
     t_end = t_start + warmup + seconds
 
-    async def post(client, name) -> tuple[float, float]:
-        """One scoring request as `name`; returns its send and answer times (and learns the positions per request)."""
+    async def post(client, name) -> tuple[float, float, dict[str, float]]:
+        """One scoring request as `name`; returns its send and answer times and the server's Server-Timing stages
+        (ms), and learns the positions per request."""
         nonlocal positions
         headers = {"authorization": f"Bearer {KEYS[name]}", "content-type": "application/msgpack",
                    "accept": "application/msgpack"}
@@ -79,11 +80,11 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
             from protocol import codec
 
             positions = int(codec.decode_response_msgpack(r.content).token_logprobs_N.size)
-        return t0, t1
+        return t0, t1, parse_server_timing(r.headers.get("server-timing", ""))
 
     async def loop(client, name):
         while time.perf_counter() < t_end:
-            t0, t1 = await post(client, name)
+            t0, t1, _ = await post(client, name)
             if t_start + warmup <= t1 <= t_end:  # throughput: what completed in the window, whenever it was sent
                 stats[name]["positions"] += positions
             if t0 >= t_start + warmup and t1 <= t_end:  # latency: requests sent and answered in the window
@@ -98,10 +99,11 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
         await asyncio.gather(*(one(t) for t in times))
 
     async def send(client, name, counted):
-        t0, t1 = await post(client, name)
+        t0, t1, stages = await post(client, name)
         if counted:
             stats[name]["positions"] += positions
             stats[name]["lat"].append(t1 - t0)
+            stats[name]["stages"].append(stages)
 
     async def usage(client) -> dict[str, dict]:
         out = {}
@@ -129,6 +131,38 @@ async def drive(url: str, loops: dict[str, int], seconds: float, warmup: float, 
     for s in stats.values():
         s["rate"] = s["positions"] / seconds
     return stats
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`gate;dur=0.1, queue;dur=12.5, ...` -> {"gate": 0.1, "queue": 12.5, ...} (ms)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in header.split(","))):
+        name, _, dur = part.partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+STAGES = ("gate", "queue", "forward", "wake", "total")
+
+
+def breakdown(title: str, stats: dict[str, dict]) -> None:
+    """Where open-loop requests' time went: the server's stages (Server-Timing) and what lies outside its handler
+    (client latency - total: the HTTP hops, the event loop before the handler starts, the client itself), at the
+    median and averaged over each tenant's slowest 2% of requests (the p99's neighbourhood)."""
+    rows = [(n, s) for n, s in stats.items() if s["stages"]]
+    if not rows:
+        return
+    print(f"  {title}: where the time went, ms (median request | mean of the slowest 2%)")
+    print(f"  {'tenant':<9}" + "".join(f"{c:>15}" for c in ("client", *STAGES, "outside")))
+    for n, s in rows:
+        lat = np.array(s["lat"]) * 1000
+        table = np.array([[st.get(c, 0.0) for c in STAGES] for st in s["stages"]])
+        table = np.column_stack([lat, table, lat - table[:, -1]])
+        order = np.argsort(lat)
+        tail = order[-max(1, len(order) // 50):]
+        med = np.median(table, axis=0)
+        worst = table[tail].mean(axis=0)
+        print(f"  {n:<9}" + "".join(f"{m:>7.0f} |{w:>6.0f}" for m, w in zip(med, worst, strict=True)))
 
 
 def poisson_times(rate: float, seconds: float, seed: int) -> np.ndarray:
@@ -213,10 +247,14 @@ def main() -> None:
             base = report("light-1 alone (closed loop)", alone, equal)
             fifo = run(t.url, loops)
             fifo_p99 = report("FIFO, equal weights (closed loop)", fifo, equal)
-        solo = {n: report(f"{n} alone, open loop", run(t.url, {}, open_loop={n: ts}, seconds=lat_s), equal)[n]
-                for n, ts in light.items()}
-        lat = report("FIFO, heavy backlogged, light open loop",
-                     run(t.url, {"heavy": loops["heavy"]}, open_loop=light, seconds=lat_s), equal)
+        solo = {}
+        for n, ts in light.items():
+            out = run(t.url, {}, open_loop={n: ts}, seconds=lat_s)
+            solo[n] = report(f"{n} alone, open loop", out, equal)[n]
+            breakdown("alone", out)
+        out = run(t.url, {"heavy": loops["heavy"]}, open_loop=light, seconds=lat_s)
+        lat = report("FIFO, heavy backlogged, light open loop", out, equal)
+        breakdown("FIFO", out)
         ratios["FIFO"] = {n: lat[n] / solo[n] for n in light}
     with serve_in_subprocess(str(model), free_port(), *common, "--scheduling", "fair") as t:
         if not a.no_shares:
@@ -230,8 +268,9 @@ def main() -> None:
             write_keys(keys, equal)
             os.kill(t.pid, signal.SIGHUP)
             time.sleep(0.5)
-        lat = report("fair, heavy backlogged, light open loop",
-                     run(t.url, {"heavy": loops["heavy"]}, open_loop=light, seconds=lat_s), equal)
+        out = run(t.url, {"heavy": loops["heavy"]}, open_loop=light, seconds=lat_s)
+        lat = report("fair, heavy backlogged, light open loop", out, equal)
+        breakdown("fair", out)
         ratios["fair"] = {n: lat[n] / solo[n] for n in light}
     if not a.no_shares:
         print(f"\nclosed loop: light-1 p99 vs alone ({base['light-1']:.0f} ms): FIFO "

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+            timeout_graceful_shutdown=settings.graceful_shutdown_s, timeout_keep_alive=settings.keep_alive_s,
             ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
         )
     )

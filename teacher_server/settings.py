@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=1, description="Requests admitted at once (queued or running); beyond it: 429 with Retry-After."
     )
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="How long an idle HTTP connection stays open. Longer than clients' own idle expiry "
+        "(httpx: 5 s), so a client never sends on a connection the server is closing at that moment.",
+    )
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     log_level: str = Field("info")
 

@@ -37,6 +37,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -47,7 +48,7 @@ from typing import Any
 import yaml
 
 from protocol.codec import ProtocolError
-from teacher_server.engines.base import score_priority
+from teacher_server.engines.base import record_timing, score_priority
 
 logger = logging.getLogger(__name__)
 
@@ -238,24 +239,54 @@ class FairGate:
     fair queueing over tenants (weights), or in arrival order (`fair=False`). A request larger than the
     capacity is admitted alone once nothing is in flight.
 
-    The latency lane (fair only): a request whose start tag is not behind any waiting request's (a tenant below
-    its share: it would be next anyway) is admitted at once, beyond the capacity, with the priority `LANE`, so
-    the engine runs it in the next forward, without other work (teacher_server/engines/hf.py), instead of
-    after the capacity's worth admitted ahead of it. A light tenant then waits for the forward in flight and
-    its own, as alone it waits for its own. It costs nothing in fairness: the tag is charged as for any
-    request, so a tenant that keeps sending runs ahead of the others' tags and waits in the queue like them.
-    At most half the capacity in tokens is in the lane at once."""
+    The latency lane (fair only), for a tenant below its share: one whose admitted tokens over the last few
+    seconds (`SHARE_WINDOW_S`, exponentially decayed) are under 90% of its weight's share of all tenants' with
+    any recent traffic, and that has nothing waiting. Its request, if its start tag is at most `lane_burst` tokens
+    (over its weight) ahead of the first waiting request's, is admitted at once, beyond the capacity, with the
+    priority `LANE`, so the engine runs it in the next forward, without other work (teacher_server/engines/hf.py),
+    instead of after the capacity's worth admitted ahead of it. A light tenant then waits for the forward in
+    flight and its own, as alone it waits for its own. The burst allowance (default: the capacity, the lag that
+    admitting the capacity ahead of it costs anyway) covers a light tenant's bursts (four requests within a few
+    forwards of a Poisson stream). A tenant at its share (backlogged, however few requests it keeps
+    outstanding) gets no lane: its requests wait for their tags, so a lead it took in the lane never costs it
+    throughput later. Fairness is bounded by the burst: tags are charged as for any request. At most the
+    capacity in tokens is in the lane at once (so at most twice the capacity in the engine): memory stays
+    bounded however many light tenants arrive together."""
 
     LANE = -1.0  # the engine priority of lane requests; queued ones get their start tag (>= 0), FIFO ones 0
+    SHARE_WINDOW_S = 5.0  # the decay time of the admitted-token counts that say who is below its share
 
-    def __init__(self, capacity: int, fair: bool = True):
+    def __init__(self, capacity: int, fair: bool = True, lane_burst: int | None = None):
         self.capacity, self.fair = capacity, fair
+        self.lane_burst = capacity if lane_burst is None else lane_burst
         self.in_flight = 0
         self.lane_in_flight = 0
-        self._heap: list[tuple[float, int, int, asyncio.Future]] = []
+        self._heap: list[tuple[float, int, int, asyncio.Future, Tenant]] = []
+        self._waiting: dict[str, int] = {}  # requests in the heap, per tenant
         self._seq = itertools.count()
         self._vtime = 0.0
         self._finish: dict[str, float] = {}
+        self._recent: dict[str, tuple[float, float, float]] = {}  # tenant -> (decayed admitted tokens, at, weight)
+
+    def _decayed(self, name: str, now: float) -> float:
+        count, at, _ = self._recent.get(name, (0.0, now, 1.0))
+        return count * math.exp((at - now) / self.SHARE_WINDOW_S)
+
+    def _admitted(self, tenant: Tenant, tokens: int) -> None:
+        now = time.monotonic()
+        self._recent[tenant.name] = (self._decayed(tenant.name, now) + tokens, now, tenant.weight)
+
+    def below_share(self, tenant: Tenant) -> bool:
+        """Whether the tenant's recent admitted tokens are under 90% of its weight's share of everyone's (tenants
+        with under 1% of the recent tokens count as idle)."""
+        now = time.monotonic()
+        recent = {n: (self._decayed(n, now), w) for n, (_, _, w) in self._recent.items()}
+        total = sum(c for c, _ in recent.values())
+        if total <= 0:
+            return True
+        mine = recent.get(tenant.name, (0.0, tenant.weight))[0]
+        weights = sum(w for n, (c, w) in recent.items() if c >= 0.01 * total and n != tenant.name) + tenant.weight
+        return mine < 0.9 * total * tenant.weight / weights
 
     def _tag(self, tenant: Tenant, tokens: int) -> float:
         if not self.fair:
@@ -274,15 +305,20 @@ class FairGate:
         if not self._heap and self._fits(tokens):
             self._vtime = max(self._vtime, tag)
             self.in_flight += tokens
+            self._admitted(tenant, tokens)
             return 0.0, tag
-        if self.fair and self._heap and tag <= self._heap[0][0] and self.lane_in_flight + tokens <= self.capacity // 2:
-            self._vtime = max(self._vtime, tag)
+        if (self.fair and self._heap and not self._waiting.get(tenant.name)  # a backlogged tenant has no lane
+                and tag <= self._heap[0][0] + self.lane_burst / tenant.weight
+                and self.lane_in_flight + tokens <= self.capacity and self.below_share(tenant)):
+            self._vtime = max(self._vtime, min(tag, self._heap[0][0]))  # not past the backlog's head
             self.in_flight += tokens
             self.lane_in_flight += tokens
+            self._admitted(tenant, tokens)
             return 0.0, self.LANE
         t0 = time.perf_counter()
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (tag, next(self._seq), tokens, fut))
+        heapq.heappush(self._heap, (tag, next(self._seq), tokens, fut, tenant))
+        self._waiting[tenant.name] = self._waiting.get(tenant.name, 0) + 1
         try:
             await fut
         except asyncio.CancelledError:
@@ -291,6 +327,7 @@ class FairGate:
             else:
                 self._heap = [e for e in self._heap if e[3] is not fut]
                 heapq.heapify(self._heap)
+                self._waiting[tenant.name] -= 1
                 self._dispatch()
             raise
         return time.perf_counter() - t0, tag
@@ -303,11 +340,13 @@ class FairGate:
 
     def _dispatch(self) -> None:
         while self._heap and self._fits(self._heap[0][2]):
-            tag, _, tokens, fut = heapq.heappop(self._heap)
+            tag, _, tokens, fut, tenant = heapq.heappop(self._heap)
+            self._waiting[tenant.name] -= 1
             if fut.done():
                 continue
             self._vtime = max(self._vtime, tag)
             self.in_flight += tokens
+            self._admitted(tenant, tokens)
             fut.set_result(None)
 
 
@@ -332,6 +371,7 @@ class GatedEngine:
         try:
             waited, priority = await self._gate.acquire(st.tenant, tokens)
             st.queue_wait_s += waited
+            record_timing("gate", waited)
             st.queued += 1
             self._metrics.tenant_queue_wait.labels(tenant=st.tenant.name).observe(waited)
             token = score_priority.set(priority)

@@ -80,7 +80,12 @@ def test_keys_file_is_parsed_strictly_and_stores_no_key_in_the_clear(tmp_path, k
 
 def test_each_tenant_sees_only_its_own_usage_and_metrics_are_per_tenant(served):
     _, client = served
-    assert post_score(client, "key-a").status_code == 200
+    r = post_score(client, "key-a")
+    assert r.status_code == 200
+    # where the request's time went, as the standard Server-Timing header (ms)
+    timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert set(timing) == {"gate", "queue", "forward", "wake", "total"}, timing
+    assert 0 < float(timing["forward"]) <= float(timing["total"]) and float(timing["gate"]) >= 0
     assert post_score(client, "key-a").status_code == 200
     assert post_score(client, "key-b").status_code == 200
     a = client.get("/v1/usage", headers={"authorization": "Bearer key-a"}).json()
@@ -253,13 +258,16 @@ def test_an_idle_tenant_banks_no_credit():
 
 def test_a_light_tenant_ahead_of_the_backlog_takes_the_latency_lane():
     """A heavy tenant keeps the gate full (8 x 10 tokens) with a backlog. A light tenant's requests whose start
-    tags are not behind the backlog's head are admitted at once beyond the capacity, in the latency lane (the
-    engine runs them next, alone); of a burst of three, the third is tagged behind the head and queues. The lane
-    holds at most half the capacity: of five idle tenants arriving at once, the fifth queues. FIFO never jumps
+    tags are at most the lane's burst (here 40 tokens; by default the capacity) behind the backlog's head are admitted at
+    once beyond the capacity, in the latency lane (the engine runs them next, alone); of a burst of seven, the
+    seventh is tagged more than 40 behind the head and queues. The lane holds at most the capacity: of nine idle
+    tenants arriving at once, the ninth queues. A tenant at its share of the recent tokens takes no lane. The
+    heavy tenant, with requests waiting, never takes the lane
+    (in flight: its 80 and the lane only). FIFO never jumps
     the line."""
 
-    async def run(fair: bool, lights: list[str]):
-        gate = FairGate(capacity=80, fair=fair)
+    async def run(fair: bool, lights: list[str], lane_burst: int = 40):
+        gate = FairGate(capacity=80, fair=fair, lane_burst=lane_burst)
         heavy = Tenant("heavy")
         for _ in range(8):
             await gate.acquire(heavy, 10)  # the engine is full
@@ -276,8 +284,12 @@ def test_a_light_tenant_ahead_of_the_backlog_takes_the_latency_lane():
         return state
 
     lane = FairGate.LANE
-    assert asyncio.run(run(True, ["light"] * 3)) == ([lane, lane, None], 100, 20)
-    assert asyncio.run(run(True, list("abcde"))) == ([lane] * 4 + [None], 120, 40)
+    assert asyncio.run(run(True, ["light"] * 7)) == ([lane] * 6 + [None], 140, 60)
+    assert asyncio.run(run(True, list("abcdefghi"))) == ([lane] * 8 + [None], 160, 80)
+    assert FairGate(80).lane_burst == 80
+    # with the default burst, a burst of nine stops at the tenant's share instead: after seven it has had 70 of the
+    # 150 tokens admitted lately, over 90% of half of them
+    assert asyncio.run(run(True, ["light"] * 9, lane_burst=80)) == ([lane] * 7 + [None] * 2, 150, 70)
     assert asyncio.run(run(False, ["a", "b"])) == ([None, None], 80, 0)
 
 
@@ -287,3 +299,36 @@ def test_the_hf_engine_runs_lane_work_first_and_alone_then_by_priority_and_arriv
     batch = ScoreBatch.from_sequences([([1, 2, 3], 1)], 1)
     jobs = [_Job(p, i, batch, None) for i, p in enumerate([5.0, 0.0, FairGate.LANE, 5.0, 1.0, 0.0])]
     assert [j.seq for j in sorted(jobs)] == [2, 1, 5, 4, 0, 3]
+
+
+def test_while_lane_work_is_about_the_hf_batcher_halves_other_forwards(tmp_path):
+    """The batcher's policy, on its real loop (only the forward is replaced, by one that records what it was
+    given): a backlog alone fills the token budget (40 = 4 jobs of 10); once a lane job has gone through, alone,
+    the backlog's forwards take half the budget (2 jobs)."""
+    from teacher_server.engines.hf import HFEngine, _Job
+
+    batch = ScoreBatch.from_sequences([(list(range(1, 11)), 1)], 1)  # 10 tokens
+    forwards: list[list[int]] = []
+
+    async def run() -> None:
+        eng = HFEngine(Settings(model=str(tmp_path), max_tokens_per_batch=40, batch_wait_ms=0))
+        eng._score_jobs = lambda batches: forwards.append([b.num_tokens for b in batches]) or [None] * len(batches)
+        eng._queue = asyncio.PriorityQueue()
+        loop = asyncio.get_running_loop()
+
+        async def submit(priorities):
+            jobs = [_Job(p, i, batch, loop.create_future()) for i, p in enumerate(priorities)]
+            for j in jobs:
+                eng._queue.put_nowait(j)
+            await asyncio.gather(*(j.future for j in jobs))
+
+        worker = asyncio.create_task(eng._batch_loop())
+        await submit([1.0] * 8)
+        n_before = len(forwards)
+        await submit([FairGate.LANE] + [1.0] * 8)
+        worker.cancel()
+        eng._executor.shutdown()
+        assert forwards[:n_before] == [[10] * 4, [10] * 4]
+        assert forwards[n_before:] == [[10], *[[10] * 2] * 4]
+
+    asyncio.run(run())

@@ -18,6 +18,16 @@ ForwardObserver = Callable[[int, int, int], None]
 # (teacher_server/tenants.py), lowest first; 0.0 (the default) for every request keeps arrival order.
 score_priority: contextvars.ContextVar[float] = contextvars.ContextVar("aopd_score_priority", default=0.0)
 
+# Where a scoring request's time went, in seconds by stage, filled in by whoever knows (the fair gate: "gate";
+# the hf engine: "queue", "forward" and "wake"); the /v1/score route sets a dict and returns it as a Server-Timing header.
+score_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("aopd_score_timings", default=None)
+
+
+def record_timing(stage: str, seconds: float) -> None:
+    timings = score_timings.get()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + seconds
+
 
 @dataclass(frozen=True)
 class EngineInfo:

@@ -3,7 +3,8 @@
 Concurrent `score` calls are coalesced by a batcher: requests that arrive while a forward runs (or within
 `batch_wait_ms`) join the next forward, up to `max_tokens_per_batch` padded tokens, taken in the order of their
 `score_priority` (the fair gate's start tags; arrival order without tenants). Work in the gate's latency lane
-(negative priority) goes first, in a forward of its own. Sequences are sorted by
+(negative priority) goes first, in a forward of its own; while there is lane work about, other forwards take
+half the token budget, so the forward a lane request waits for is shorter. Sequences are sorted by
 length inside a forward to keep padding small. Only the scored positions' hidden states go through the
 output layer, `logits_chunk_size` rows at a time, so [all tokens, V] float32 logits never exist at once.
 
@@ -17,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ import torch
 from generation.hf import load_causal_lm, sample
 from protocol.fingerprint import tokenizer_fingerprint
 from protocol.schema import ScoreBatch, ScoreResult
-from teacher_server.engines.base import EngineInfo, ScoringEngine, score_priority
+from teacher_server.engines.base import EngineInfo, ScoringEngine, record_timing, score_priority
 from teacher_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, _DTYPES[dtype]
 
 
+LANE_ACTIVE_S = 2.0  # how long after lane work the batcher keeps other forwards at half the token budget
+
+
 @dataclass(order=True)
 class _Job:
     """Queued work, ordered by (priority, arrival): the fair gate's start tag when there is one, so a request the
@@ -51,9 +56,14 @@ class _Job:
     batch: ScoreBatch = field(compare=False)
     future: asyncio.Future = field(compare=False)
     tokens: int = field(init=False, compare=False)
+    queued_at: float = field(init=False, compare=False)
+    started_at: float = field(default=0.0, compare=False)  # when its forward started (perf_counter)
+    forward_s: float = field(default=0.0, compare=False)
+    done_at: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         self.tokens = self.batch.num_tokens
+        self.queued_at = time.perf_counter()
 
 
 class HFEngine(ScoringEngine):
@@ -137,18 +147,29 @@ class HFEngine(ScoringEngine):
             raise RuntimeError("engine not started")
         job = _Job(score_priority.get(), next(self._seq), batch, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
-        return await job.future
+        result = await job.future
+        record_timing("queue", job.started_at - job.queued_at)
+        record_timing("forward", job.forward_s)
+        record_timing("wake", time.perf_counter() - job.done_at)  # the event loop's delay in resuming this request
+        return result
 
     async def _batch_loop(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        budget = self.settings.max_tokens_per_batch
+        full = self.settings.max_tokens_per_batch
         wait_s = self.settings.batch_wait_ms / 1000
+        lane_seen = -float("inf")
         while True:
             jobs = [await self._queue.get()]
             tokens = jobs[0].tokens
             lane = jobs[0].priority < 0  # the gate's latency lane: a forward of lane work only, not filled up
-            deadline = loop.time() + wait_s
+            now = loop.time()
+            if lane:
+                lane_seen = now
+            # While light tenants are being served, other forwards take half the budget: lane work arriving during
+            # one waits for half as long, at some cost in batch size (none once the lane has been idle 2 s).
+            budget = full // 2 if now - lane_seen < LANE_ACTIVE_S else full
+            deadline = now + wait_s
             # Coalesce: everything already queued, plus whatever arrives within the wait window.
             while tokens < budget:
                 if lane:  # other lane work already queued, nothing else, no waiting
@@ -171,6 +192,7 @@ class HFEngine(ScoringEngine):
             jobs = [j for j in jobs if not j.future.cancelled()]
             if not jobs:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._score_jobs, [j.batch for j in jobs])
             except Exception as exc:  # the engine stays up; the requests get the error
@@ -179,7 +201,9 @@ class HFEngine(ScoringEngine):
                     if not j.future.done():
                         j.future.set_exception(exc)
                 continue
+            done = time.perf_counter()
             for j, r in zip(jobs, results, strict=True):
+                j.started_at, j.forward_s, j.done_at = started, done - started, done
                 if not j.future.done():
                     j.future.set_result(r)
 
