@@ -1,6 +1,6 @@
 """The drift monitor's detection table: student_trainer/drift.py replayed over a reproduction's runs.
 
-    python bench/drift_calibration.py [--runs runs/repro] [--seeds 0,1,2] [drift_key=value ...]
+    python bench/drift_calibration.py [--runs docs/results/runs/addition] [--seeds 0,1,2] [drift_key=value ...]
 
 Every run directory under --runs with a metrics.jsonl (bench/reproduce.py's layout: <init>/<method>/seed<N>, and
 ablations/<name>/seed0 from the weak initialisation) is replayed through `DriftMonitor` with the config's
@@ -83,7 +83,7 @@ def replay(run_dir: Path, drift: DriftSection, runs_root: Path) -> Row:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="runs/repro", help="a bench/reproduce.py output folder")
+    ap.add_argument("--runs", default="docs/results/runs/addition", help="a bench/reproduce.py results folder (one task)")
     ap.add_argument("--seeds", default=None, help="only these seeds, e.g. 2 (a held-out seed); default all")
     ap.add_argument("overrides", nargs="*", help="drift thresholds, e.g. window=8 patience=3")
     a = ap.parse_args()

@@ -1,34 +1,51 @@
 """The method's claims at toy scale, through the real client-server path (one command, resumable).
 
-    python bench/reproduce.py [--steps 100] [--seeds 0,1,2] [--out runs/repro] [--ablations/--no-ablations]
+    python bench/reproduce.py [--task addition|multisum] [--steps 100] [--seeds 0,1,2,3,4] [--extra-seeds 0,1,2]
+                              [--eval-limit 1000] [--out runs/repro] [--results docs/results/runs]
 
-Runs OPD, AOPD (tau=0, beta=0, K=32), AOPD-add, GKD, ExOPD, SeqKD and AOPD-Zero from the weak and the strong
-student (toy/assets), each seed, with the same budget of steps and samples, every run a `python -m
-student_trainer` process against a `python -m teacher_server` process on 127.0.0.1 (ExOPD's reference logprobs
-come from a second server serving the student's initial weights). Then the ablations, one seed, weak init:
-beta = 1 in AOPD, K in {8, 16}, tau in {-0.1, -0.5, -0.9}, support_norm = teacher.
+Runs every method from the weak and the strong student (toy/assets, or toy/assets/multisum for the second
+task), each seed, with the same budget of steps and samples, every run a `python -m student_trainer` process
+against a `python -m teacher_server` process on 127.0.0.1 (ExOPD's reference logprobs come from a second server
+serving the student's initial weights). The paired design: OPD, AOPD (tau=0, beta=0, K=32), AOPD-add and GKD on
+`--seeds`; AOPD tau=-0.5 and SeqKD on `--extra-seeds` (the same seeds, fewer of them); ExOPD and AOPD-Zero with
+`--methods`. Runs go seed by seed, every method of a seed before the next seed, so a partial sweep is paired.
+Then, for addition, the ablations, one seed, weak init: beta = 1 in AOPD, K in {8, 16}, tau in {-0.1, -0.5,
+-0.9}, support_norm = teacher.
 
-Writes `<out>/RESULTS.md` (the Table-1-shaped table, mean +- std over seeds, the ablations, the diagnostics)
-and `<out>/figures/*.png`. Finished runs are skipped when re-run, interrupted ones resume from their last
-checkpoint.
+Each finished run's small files (config, metrics.jsonl, per-problem evaluations, the intervention summary) are
+copied to `--results/<task>/<init>/<method>/seed<N>` to be committed: a run found there is not run again, on
+this machine or a fresh clone. Checkpoints stay in `--out` (interrupted runs resume from their last one).
+
+Writes `<results>/<task>/RESULTS.md`: per init the table (mean +- std over seeds), the paired comparison
+against OPD at the last step (mean difference in pass@1 with a 95% bootstrap interval that resamples seeds and
+held-out problems, and the number of seeds in which the method is ahead), the ablations and diagnostics, and
+figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from teacher_server.process import serve_in_subprocess  # noqa: E402
 
-METHODS = ["opd", "aopd", "aopd_add", "gkd", "exopd", "seqkd", "aopd_zero"]
+PAIRED = ["opd", "aopd", "aopd_add", "gkd"]
+EXTRA = ["aopd_tau-0.5", "seqkd"]
+OTHER = ["exopd", "aopd_zero"]
+METHODS = [*PAIRED, *EXTRA, *OTHER]
+OVERRIDES = {"aopd_tau-0.5": ["loss.mode=aopd", "loss.tau=-0.5"], "aopd_zero": ["loss.mode=aopd_zero", "loss.zero_eps=0.05"]}
 ABLATIONS = {
     "aopd_beta1": ["loss.mode=aopd", "loss.beta=1.0"],
     "aopd_k8": ["loss.mode=aopd", "teacher.top_k=8"],
@@ -39,7 +56,38 @@ ABLATIONS = {
     "aopd_teacher_norm": ["loss.mode=aopd", "loss.support_norm=teacher"],
 }
 LABELS = {"opd": "OPD", "aopd": "AOPD", "aopd_add": "AOPD-add", "gkd": "GKD", "exopd": "ExOPD", "seqkd": "SeqKD",
-          "aopd_zero": "AOPD-Zero"}
+          "aopd_zero": "AOPD-Zero", "aopd_tau-0.5": "AOPD tau=-0.5"}
+KEEP = ("config.yaml", "metrics.jsonl", "eval_problems.jsonl", "interventions.json")  # what --results keeps of a run
+
+
+@dataclass(frozen=True)
+class Task:
+    config: Path
+    assets: Path
+    train: Path
+
+    def first_mistake(self, tokens: list[str], problem: dict) -> int | None:
+        if "nums" in problem:
+            from toy.multisum import first_mistake
+
+            return first_mistake(tokens, tuple(problem["nums"]))
+        from toy.task import first_mistake
+
+        return first_mistake(tokens, problem["a"], problem["b"])
+
+    def tokenizer(self):
+        if "multisum" in str(self.assets):
+            from toy.multisum import build_tokenizer
+        else:
+            from toy.task import build_tokenizer
+        return build_tokenizer()
+
+
+TASKS = {
+    "addition": Task(ROOT / "toy" / "configs" / "base.yaml", ROOT / "toy" / "assets", ROOT / "toy" / "data" / "train.jsonl"),
+    "multisum": Task(ROOT / "toy" / "configs" / "multisum.yaml", ROOT / "toy" / "assets" / "multisum",
+                     ROOT / "toy" / "data" / "multisum" / "train.jsonl"),
+}
 
 
 def records(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -65,20 +113,27 @@ def finished(run_dir: Path, steps: int) -> bool:
     return any(r["step"] == steps for r in evals)
 
 
-def run(run_dir: Path, overrides: list[str], steps: int, log) -> float:
-    if finished(run_dir, steps):
+def run(run_dir: Path, keep_dir: Path, task: Task, overrides: list[str], steps: int, log) -> float:
+    """One training run, unless `keep_dir` already holds it finished; its small files go to `keep_dir` after."""
+    if finished(keep_dir, steps):
         return 0.0
-    resume = (run_dir / "checkpoints").is_dir()
-    cmd = [sys.executable, "-m", "student_trainer", "--config", str(ROOT / "toy" / "configs" / "base.yaml"),
-           *overrides, f"train.steps={steps}", f"train.run_dir={run_dir}", "train.save_every=25", "train.keep_checkpoints=1"]
-    if resume:
-        cmd.append("--resume")
-    t0 = time.time()
-    with open(run_dir.parent / f"{run_dir.name}.log", "a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    dt = time.time() - t0
-    log(f"{run_dir.relative_to(run_dir.parents[2])}: {dt:.0f}s")
-    return dt
+    if not finished(run_dir, steps):
+        resume = (run_dir / "checkpoints").is_dir()
+        cmd = [sys.executable, "-m", "student_trainer", "--config", str(task.config), *overrides, f"train.steps={steps}",
+               f"train.run_dir={run_dir}", "train.save_every=25", "train.keep_checkpoints=1"]
+        if resume:
+            cmd.append("--resume")
+        t0 = time.time()
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        log(f"{run_dir.relative_to(run_dir.parents[2])}: {time.time() - t0:.0f}s")
+    summary = after_first_mistake_share(run_dir, task)
+    (run_dir / "interventions.json").write_text(json.dumps(summary) + "\n")
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    for name in KEEP:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, keep_dir / name)
+    return 0.0
 
 
 def mean_std(xs: list[float]) -> str:
@@ -94,45 +149,81 @@ def avg(rs: list[dict], key: str) -> float:
     return statistics.mean(vals) if vals else float("nan")
 
 
-def after_first_mistake_share(run_dir: Path) -> tuple[float, float]:
-    """Over dumped rollouts: share of intervened positions at or after the student's first mistake, and the share
-    of all positions that lie there (for comparison)."""
-    from toy.task import build_tokenizer, first_mistake
-
+def after_first_mistake_share(run_dir: Path, task: Task) -> dict[str, float]:
+    """Over dumped rollouts: the share of intervened positions at or after the student's first mistake, and the
+    share of all positions that lie there (for comparison)."""
     path = run_dir / "rollouts.jsonl"
+    out = {"intervened_after_first_mistake": float("nan"), "positions_after_first_mistake": float("nan")}
     if not path.exists():
-        return float("nan"), float("nan")
-    tok = build_tokenizer()
-    problems = [json.loads(x) for x in (ROOT / "toy" / "data" / "train.jsonl").read_text().splitlines()]
+        return out
+    tok = task.tokenizer()
+    problems = [json.loads(x) for x in task.train.read_text().splitlines()]
     masked = masked_after = total = total_after = 0
     for line in path.read_text().splitlines():
         d = json.loads(line)
-        p = problems[d["prompt_index"]]
-        fm = first_mistake(tok.convert_ids_to_tokens(d["completion_ids"]), p["a"], p["b"])
+        fm = task.first_mistake(tok.convert_ids_to_tokens(d["completion_ids"]), problems[d["prompt_index"]])
         cut = len(d["mask"]) if fm is None else fm
         masked += sum(d["mask"])
         masked_after += sum(d["mask"][cut:])
         total += len(d["mask"])
         total_after += len(d["mask"]) - cut
-    return masked_after / max(masked, 1), total_after / max(total, 1)
+    return {"intervened_after_first_mistake": masked_after / max(masked, 1),
+            "positions_after_first_mistake": total_after / max(total, 1)}
+
+
+def per_problem(run_dir: Path, step: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(problem indices, pass@1 per problem) of the run's evaluation at `step` (the last one logged for it)."""
+    path = run_dir / "eval_problems.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["step"] == step]
+    if not rows:
+        return None
+    r = rows[-1]
+    order = np.argsort(r["index"])
+    return np.asarray(r["index"])[order], np.asarray(r["correct"], dtype=np.float64)[order] / r["n"]
+
+
+def paired_bootstrap(base: list[np.ndarray], other: list[np.ndarray], samples: int = 10000, seed: int = 0):
+    """Mean over seeds of (other - base) pass@1, and its 95% interval by a two-level bootstrap: seeds resampled
+    with replacement (pairs kept together), then held-out problems resampled (the same problems for both
+    methods and every seed). `base[i]`, `other[i]`: per-problem pass@1 of seed i, the same problems in order."""
+    d = np.stack([o - b for b, o in zip(base, other, strict=True)])  # [seeds, problems]
+    rng = np.random.default_rng(seed)
+    s, p = d.shape
+    means = np.empty(samples)
+    for i in range(samples):  # per bootstrap sample, not per problem: vectorised inside
+        rows = d[rng.integers(0, s, s)]
+        means[i] = rows[:, rng.integers(0, p, p)].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi), int((d.mean(axis=1) > 0).sum()), s
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="addition", choices=sorted(TASKS))
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="seeds of OPD, AOPD, AOPD-add and GKD")
+    ap.add_argument("--extra-seeds", default="0,1,2", help="seeds of AOPD tau=-0.5, SeqKD (and ExOPD, AOPD-Zero)")
+    ap.add_argument("--methods", default=",".join([*PAIRED, *EXTRA]), help=f"of {','.join(METHODS)}")
     ap.add_argument("--inits", default="weak,strong")
-    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--eval-limit", type=int, default=100)
-    ap.add_argument("--out", default="runs/repro")
+    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
+                    help="the weak-init ablations (default: on for addition)")
+    ap.add_argument("--eval-limit", type=int, default=1000, help="held-out problems (x 4 samples) per evaluation")
+    ap.add_argument("--out", default="runs/repro", help="run directories, checkpoints (git-ignored)")
+    ap.add_argument("--results", default="docs/results/runs", help="finished runs' small files, to commit")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--report-only", action="store_true", help="write RESULTS.md from --results, run nothing")
     a = ap.parse_args()
-    out = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
+    task = TASKS[a.task]
+    resolve = lambda x: (ROOT / x).resolve() if not Path(x).is_absolute() else Path(x)  # noqa: E731
+    out, results = resolve(a.out) / a.task, resolve(a.results) / a.task
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    methods = a.methods.split(",")
-    inits = a.inits.split(",")
+    results.mkdir(parents=True, exist_ok=True)
+    seeds, extra_seeds = [int(s) for s in a.seeds.split(",")], [int(s) for s in a.extra_seeds.split(",")]
+    methods, inits = a.methods.split(","), a.inits.split(",")
+    ablations = a.task == "addition" if a.ablations is None else a.ablations
     t_start = time.time()
     logf = open(out / "progress.log", "a")
 
@@ -142,63 +233,72 @@ def main() -> None:
         logf.write(line + "\n")
         logf.flush()
 
-    assets = ROOT / "toy" / "assets"
+    def seeds_of(method: str) -> list[int]:
+        return seeds if method in PAIRED else extra_seeds
+
+    if not a.report_only:
+        sweep(a, task, out, results, inits, methods, seeds_of, ablations, log)
+    write_report(results, a.task, inits, methods, seeds_of, a, time.time() - t_start)
+    log(f"done: {results / 'RESULTS.md'}")
+
+
+def sweep(a, task: Task, out: Path, results: Path, inits, methods, seeds_of, ablations: bool, log) -> None:
     common = [f"data.eval_limit={a.eval_limit}", f"train.eval_every={max(1, a.steps // 4)}"]
     serve = ["--dtype", "float32", "--max-top-k", "32"]
     with (
-        serve_in_subprocess(str(assets / "teacher"), None, "--engine", a.engine, *serve) as teacher,
-        serve_in_subprocess(str(assets / "student_weak"), None, *serve) as ref_weak,
-        serve_in_subprocess(str(assets / "student_strong"), None, *serve) as ref_strong,
+        serve_in_subprocess(str(task.assets / "teacher"), None, "--engine", a.engine, *serve) as teacher,
+        serve_in_subprocess(str(task.assets / "student_weak"), None, *serve) as ref_weak,
+        serve_in_subprocess(str(task.assets / "student_strong"), None, *serve) as ref_strong,
     ):
-        teacher_url = teacher.url
         refs = {"weak": ref_weak.url, "strong": ref_strong.url}
-        log(f"teacher {teacher_url}, references {refs}")
+        log(f"task {a.task}: teacher {teacher.url}, references {refs}")
         for init in inits:
-            for seed in seeds:
+            for seed in sorted({s for m in methods for s in seeds_of(m)}):
                 for method in methods:
-                    rd = out / init / method / f"seed{seed}"
-                    rd.parent.mkdir(parents=True, exist_ok=True)
-                    ov = [f"model.path={assets / f'student_{init}'}", f"teacher.url={teacher_url}", f"loss.mode={method}",
-                          f"train.seed={seed}", f"name={LABELS[method]}", *common]
+                    if seed not in seeds_of(method):
+                        continue
+                    rel = Path(init) / method / f"seed{seed}"
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    ov = [f"model.path={task.assets / f'student_{init}'}", f"teacher.url={teacher.url}",
+                          *OVERRIDES.get(method, [f"loss.mode={method}"]), f"train.seed={seed}",
+                          f"name={LABELS[method]}", *common]
                     if method == "exopd":
                         ov.append(f"teacher.ref_url={refs[init]}")
-                    if method == "aopd_zero":
-                        ov.append("loss.zero_eps=0.05")
-                    run(rd, ov, a.steps, log)
-        if a.ablations:
+                    run(out / rel, results / rel, task, ov, a.steps, log)
+        if ablations:
             for name, extra in ABLATIONS.items():
-                rd = out / "ablations" / name / "seed0"
-                rd.parent.mkdir(parents=True, exist_ok=True)
-                ov = [f"model.path={assets / 'student_weak'}", f"teacher.url={teacher_url}", "train.seed=0",
+                rel = Path("ablations") / name / "seed0"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                ov = [f"model.path={task.assets / 'student_weak'}", f"teacher.url={teacher.url}", "train.seed=0",
                       f"name={name}", *common, *extra]
-                run(rd, ov, a.steps, log)
-    write_report(out, inits, seeds, methods, a, time.time() - t_start)
-    log(f"done: {out / 'RESULTS.md'}")
+                run(out / rel, results / rel, task, ov, a.steps, log)
 
 
-def write_report(out: Path, inits, seeds, methods, a, wall_s: float) -> None:
+def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wall_s: float) -> None:
     from student_trainer.plot import plot_runs
 
-    figs = out / "figures"
-    lines = [f"# Toy reproduction ({a.steps} steps x 16 prompts x 4 samples per run, K=32 unless noted)", "",
-             f"Command: `python bench/reproduce.py --steps {a.steps} --seeds {a.seeds} --eval-limit {a.eval_limit}`; "
-             f"wall time of this invocation {wall_s / 60:.1f} min (runs already finished are not re-run).",
-             f"Held-out pass@1 / pass@4 in %, mean ± std over seeds {a.seeds} "
-             f"({a.eval_limit} held-out problems x 4 samples).", ""]
+    figs = results / "figures"
+    lines = [f"# Toy reproduction, task `{task_name}` ({a.steps} steps x 16 prompts x 4 samples per run, K=32 unless "
+             "noted)", "",
+             f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
+             f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}`; wall time of this invocation "
+             f"{wall_s / 60:.1f} min (runs already finished are not re-run). Held-out pass@1 / pass@4 in %, mean ± "
+             f"std over the seeds finished ({a.eval_limit} held-out problems x 4 samples at the start, every "
+             f"{max(1, a.steps // 4)} steps and the end).", ""]
     for init in inits:
-        lines += [f"## {init} initialisation", "", "| method | pass@1 | pass@4 | entropy (late) | grad norm (late) | "
-                  "intervention (early → late) | p_S(y) − p_T(y) (late) |", "|---|---|---|---|---|---|---|"]
-        # SFT checkpoint row: the step-0 evaluation of the runs (the initial student)
-        start = [records(out / init / m / f"seed{s}")[1] for m in methods for s in seeds]
-        p1 = [e[0]["eval/pass@1"] for e in start if e]
-        p4 = [e[0]["eval/pass@4"] for e in start if e]
-        lines.append(f"| SFT checkpoint | {mean_std(p1)} | {mean_std(p4)} | | | | |")
+        done = {m: [s for s in seeds_of(m) if finished(results / init / m / f"seed{s}", a.steps)] for m in methods}
+        lines += [f"## {init} initialisation", "", "| method | seeds | pass@1 | pass@4 | entropy (late) | grad norm (late) | "
+                  "intervention (early → late) | p_S(y) − p_T(y) (late) | intervened positions after the first mistake "
+                  "(all positions there) |", "|---|---|---|---|---|---|---|---|---|"]
+        start = [records(results / init / m / f"seed{s}")[1] for m in methods for s in done[m]]
+        p1 = [e[0]["eval/pass@1"] for e in start if e and e[0]["step"] == 0]
+        p4 = [e[0]["eval/pass@4"] for e in start if e and e[0]["step"] == 0]
+        lines.append(f"| SFT checkpoint (step 0 of every run) | {len(p1)} | {mean_std(p1)} | {mean_std(p4)} | | | | | |")
         for m in methods:
-            finals1, finals4, ent, gn, i0, i1, gap = [], [], [], [], [], [], []
-            for s in seeds:
-                tr, ev = records(out / init / m / f"seed{s}")
-                if not ev or ev[-1]["step"] != a.steps:
-                    continue
+            finals1, finals4, ent, gn, i0, i1, gap, after, base = [], [], [], [], [], [], [], [], []
+            for s in done[m]:
+                rd = results / init / m / f"seed{s}"
+                tr, ev = records(rd)
                 finals1.append(ev[-1]["eval/pass@1"])
                 finals4.append(ev[-1]["eval/pass@4"])
                 late, early = tr[-max(1, len(tr) // 5):], tr[: max(1, len(tr) // 5)]
@@ -207,34 +307,58 @@ def write_report(out: Path, inits, seeds, methods, a, wall_s: float) -> None:
                 i0.append(avg(early, "aopd/intervention_ratio"))
                 i1.append(avg(late, "aopd/intervention_ratio"))
                 gap.append(avg(late, "conf/gap_sampled"))
+                if (rd / "interventions.json").exists():
+                    summ = json.loads((rd / "interventions.json").read_text())
+                    after.append(summ["intervened_after_first_mistake"])
+                    base.append(summ["positions_after_first_mistake"])
             f = lambda xs: f"{statistics.mean(xs):.3f}" if xs and xs[0] == xs[0] else "–"  # noqa: E731
-            lines.append(f"| {LABELS[m]} | {mean_std(finals1)} | {mean_std(finals4)} | {f(ent)} | {f(gn)} | "
-                         f"{f(i0)} → {f(i1)} | {f(gap)} |")
+            pct = lambda xs: f"{100 * statistics.mean(xs):.0f}%" if xs and xs[0] == xs[0] else "–"  # noqa: E731
+            lines.append(f"| {LABELS[m]} | {len(done[m])} | {mean_std(finals1)} | {mean_std(finals4)} | {f(ent)} | {f(gn)} "
+                         f"| {f(i0)} → {f(i1)} | {f(gap)} | {pct(after)} ({pct(base)}) |")
+        lines += ["", f"Paired against OPD at step {a.steps} (pass@1, percentage points; seeds both finished; interval: "
+                  "2-level bootstrap over seeds and held-out problems, 10,000 samples; \"no difference\" where it "
+                  "covers 0):", "", "| method | seeds | mean difference | 95% interval | seeds ahead | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for m in methods:
+            if m == "opd":
+                continue
+            pairs = [(per_problem(results / init / "opd" / f"seed{s}", a.steps),
+                      per_problem(results / init / m / f"seed{s}", a.steps)) for s in done[m] if s in done.get("opd", [])]
+            pairs = [(b, o) for b, o in pairs if b is not None and o is not None and np.array_equal(b[0], o[0])]
+            if not pairs:
+                lines.append(f"| {LABELS[m]} | 0 | | | | not yet run |")
+                continue
+            mean, lo, hi, ahead, n = paired_bootstrap([b[1] for b, _ in pairs], [o[1] for _, o in pairs])
+            verdict = "no difference" if lo <= 0 <= hi else ("ahead of OPD" if lo > 0 else "behind OPD")
+            lines.append(f"| {LABELS[m]} | {n} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {ahead} of {n} "
+                         f"| {verdict} |")
         lines.append("")
-        plot_runs([out / init / m / "seed0" for m in methods if (out / init / m / "seed0" / "metrics.jsonl").exists()],
-                  figs / init, hist_steps=[1, a.steps])
-    abl = out / "ablations"
+        seed0 = [results / init / m / "seed0" for m in methods if (results / init / m / "seed0" / "metrics.jsonl").exists()]
+        if seed0:
+            plot_runs(seed0, figs / init, hist_steps=[1, a.steps])
+    abl = results / "ablations"
     if abl.is_dir():
         lines += ["## Ablations (weak initialisation, seed 0)", "",
                   "| run | pass@1 | pass@4 | entropy (late) | intervention (early → late) | teacher top-k entropy at "
                   "intervened / other positions | intervened positions after the first mistake (all positions there) |",
                   "|---|---|---|---|---|---|---|"]
-        runs = [("aopd (tau=0, beta=0, K=32)", out / "weak" / "aopd" / "seed0")] + [
+        runs = [("aopd (tau=0, beta=0, K=32)", results / "weak" / "aopd" / "seed0")] + [
             (n, abl / n / "seed0") for n in ABLATIONS]
         for name, rd in runs:
             tr, ev = records(rd)
-            if not ev:
+            if not ev or not (rd / "interventions.json").exists():
                 continue
             late, early = tr[-max(1, len(tr) // 5):], tr[: max(1, len(tr) // 5)]
-            share, base = after_first_mistake_share(rd)
+            summ = json.loads((rd / "interventions.json").read_text())
             lines.append(
                 f"| {name} | {100 * ev[-1]['eval/pass@1']:.1f} | {100 * ev[-1]['eval/pass@4']:.1f} | "
                 f"{avg(late, 'policy/entropy'):.3f} | {avg(early, 'aopd/intervention_ratio'):.3f} → "
                 f"{avg(late, 'aopd/intervention_ratio'):.3f} | {avg(tr, 'teacher/topk_entropy_masked'):.3f} / "
-                f"{avg(tr, 'teacher/topk_entropy_unmasked'):.3f} | {100 * share:.0f}% ({100 * base:.0f}%) |")
+                f"{avg(tr, 'teacher/topk_entropy_unmasked'):.3f} | "
+                f"{100 * summ['intervened_after_first_mistake']:.0f}% ({100 * summ['positions_after_first_mistake']:.0f}%) |")
         plot_runs([rd for _, rd in runs if (rd / "metrics.jsonl").exists()], figs / "ablations", hist_steps=[1, a.steps])
         lines.append("")
-    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    (results / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -711,8 +711,13 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     gathered = ranks.gather(per_problem)
     if not ranks.main:
         return {}
-    metrics = eval_metrics([p for part in gathered for p in part], cfg.train.eval_ks)
+    merged = [p for part in gathered for p in part]
+    metrics = eval_metrics(merged, cfg.train.eval_ks)
     run.log({"step": step, **metrics})
+    # Per problem, so a comparison of runs can pair them problem by problem (bench/reproduce.py's intervals).
+    with open(run.run_dir / "eval_problems.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "n": cfg.train.eval_n, "index": [p["index"] for p in merged],
+                            "correct": [p["correct"] for p in merged]}) + "\n")
     logger.info("eval step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 

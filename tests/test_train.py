@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,6 +47,11 @@ def test_each_mode_trains_and_logs_every_key(mode, student_dir, teacher_url, ref
     evals = [r for r in records if "eval/pass@1" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert [r["step"] for r in evals] == [0, 2] and "eval/pass@2" in evals[0]
+    per_problem = [json.loads(x) for x in (tmp_path / mode / "eval_problems.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_problem] == [0, 2]
+    for r, e in zip(per_problem, evals, strict=True):  # the per-problem counts are what pass@1 averaged
+        assert len(r["index"]) == len(r["correct"]) and all(0 <= c <= r["n"] for c in r["correct"])
+        assert np.mean(r["correct"]) / r["n"] == pytest.approx(e["eval/pass@1"], abs=1e-9)
     keys = ["loss/nll", "optim/grad_norm"] if mode == "seqkd" else REQUIRED_KEYS
     for key in keys:
         assert key in steps[0], key

@@ -53,7 +53,7 @@ def main() -> None:
     t0 = time.time()
     tok = build_tokenizer()
     train_pairs = sample_pairs(8000, held_out=False, seed=1)
-    test_pairs = sample_pairs(200, held_out=True, seed=12345)
+    test_pairs = sample_pairs(1000, held_out=True, seed=12345)  # the first 200 are the earlier set
     write_jsonl(DATA / "train.jsonl", rows(train_pairs))
     write_jsonl(DATA / "test.jsonl", rows(test_pairs))
 

@@ -1,0 +1,49 @@
+"""bench/reproduce.py's paired comparison: the bootstrap interval and the seeds-ahead count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_bootstrap_centres_on_the_difference_and_covers_zero_only_when_it_should(reproduce):
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 5, 1000) / 4 for _ in range(5)]  # per-problem pass@1 of 5 seeds, 1000 problems
+    same = reproduce.paired_bootstrap(base, base, samples=2000)
+    assert same[:3] == (0.0, 0.0, 0.0) and same[3:] == (0, 5)
+    ahead = [np.clip(b + 0.25 * (rng.random(1000) < 0.4), 0, 1) for b in base]  # +0.1 on average, minus clipping
+    mean, lo, hi, wins, n = reproduce.paired_bootstrap(base, ahead, samples=2000)
+    exact = float(np.mean([a - b for a, b in zip(ahead, base, strict=True)]))
+    assert mean == pytest.approx(exact) and lo < mean < hi and lo > 0 and (wins, n) == (5, 5)
+    # noise only, no shift: the interval covers 0; seeds ahead are a coin toss, not all of them
+    noisy = [np.clip(b + rng.choice([-0.25, 0.25], 1000) * (rng.random(1000) < 0.3), 0, 1) for b in base]
+    mean, lo, hi, wins, _ = reproduce.paired_bootstrap(base, noisy, samples=2000)
+    assert lo < 0 < hi and abs(mean) < 0.02
+
+
+def test_per_problem_reads_the_last_evaluation_of_a_step_in_problem_order(reproduce, tmp_path):
+    rows = [{"step": 0, "n": 4, "index": [2, 0, 1], "correct": [4, 0, 2]},
+            {"step": 100, "n": 4, "index": [1, 2, 0], "correct": [1, 1, 1]},
+            {"step": 100, "n": 4, "index": [1, 2, 0], "correct": [4, 3, 2]}]  # a resumed run logs a step twice
+    (tmp_path / "eval_problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    idx, p1 = reproduce.per_problem(tmp_path, 100)
+    assert idx.tolist() == [0, 1, 2] and p1.tolist() == [0.5, 1.0, 0.75]
+    idx, p1 = reproduce.per_problem(tmp_path, 0)
+    assert p1.tolist() == [0.0, 0.5, 1.0]
+    assert reproduce.per_problem(tmp_path, 50) is None
