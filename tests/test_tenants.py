@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -128,13 +129,20 @@ def test_a_reloaded_keys_file_takes_effect_without_dropping_in_flight_requests(s
                     "authorization": "Bearer key-a", "content-type": "application/json"})
                 return r.status_code
 
+            # Hold the engine's forward thread, so every admitted request stays in flight until the reload is done
+            # (on a loaded machine the client may otherwise send its last requests after the reload).
+            hold = threading.Event()
+            app.state.engine._executor.submit(hold.wait, 60)
             tasks = [asyncio.create_task(one()) for _ in range(12)]
-            deadline = time.monotonic() + 10
-            while app.state.tenants.states["team-a"].requests_in_flight < 3:  # admitted, queued or running
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.002)
-            write_keys(keys_file, [{"name": "team-a", "key": "key-a2"}, {"name": "team-d", "key": "key-d"}])
-            app.state.tenants.reload()  # what the interval check (or SIGHUP) does
+            try:
+                deadline = time.monotonic() + 30
+                while app.state.tenants.states["team-a"].requests_in_flight < 12:  # admitted, queued or running
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.002)
+                write_keys(keys_file, [{"name": "team-a", "key": "key-a2"}, {"name": "team-d", "key": "key-d"}])
+                app.state.tenants.reload()  # what the interval check (or SIGHUP) does
+            finally:
+                hold.set()
             return await asyncio.gather(*tasks)
 
     codes = asyncio.run(burst(str(client.base_url)))
