@@ -330,8 +330,10 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
                 continue
             mean, lo, hi, ahead, n = paired_bootstrap([b[1] for b, _ in pairs], [o[1] for _, o in pairs])
             verdict = "no difference" if lo <= 0 <= hi else ("ahead of OPD" if lo > 0 else "behind OPD")
-            if n < 3:  # resampling one or two seeds says nothing of seed-to-seed spread: the interval is the problems'
-                verdict += f" ({n} seed{'s' if n > 1 else ''}: the interval is the held-out problems' noise only)"
+            if n == 1:  # resampling one seed says nothing of seed-to-seed spread
+                verdict += " (1 seed: the interval is the held-out problems' noise only)"
+            elif n == 2:
+                verdict += " (2 seeds: too few for the interval to show the seed-to-seed spread)"
             lines.append(f"| {LABELS[m]} | {n} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {ahead} of {n} "
                          f"| {verdict} |")
         lines.append("")
