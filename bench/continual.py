@@ -116,7 +116,7 @@ def measure(model, tok, addition: list[dict], task_b: TaskB, held_b: list[tuple[
 
 def adapt(model, tok, task_b: TaskB, steps: int, batch: int, lr: float, seed: int) -> float:
     """The one recipe: supervised fine-tuning on task-B examples; returns the last loss."""
-    from toy.train_teacher import cosine, optimizer_step
+    from toy.train_teacher import cosine, optimizer_step, padded_batch
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -130,11 +130,7 @@ def adapt(model, tok, task_b: TaskB, steps: int, batch: int, lr: float, seed: in
             p_ids, c_ids = tok.convert_tokens_to_ids(prompt.split()), tok.convert_tokens_to_ids(completion)
             seqs.append(p_ids + c_ids)
             labels.append([-100] * len(p_ids) + c_ids)
-        L = max(map(len, seqs))
-        ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x in seqs])
-        lab = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
-        attn = (torch.arange(L)[None, :] < torch.tensor([len(x) for x in seqs])[:, None]).long()
-        loss = optimizer_step(model, opt, sched, ids, attn, lab)
+        loss = optimizer_step(model, opt, sched, *padded_batch(seqs, labels, tok.pad_token_id))
     model.eval()
     return loss
 

@@ -62,12 +62,13 @@ KEEP = ("config.yaml", "metrics.jsonl", "eval_problems.jsonl", "interventions.js
 
 @dataclass(frozen=True)
 class Task:
+    name: str
     config: Path
     assets: Path
     train: Path
 
     def first_mistake(self, tokens: list[str], problem: dict) -> int | None:
-        if "nums" in problem:
+        if self.name == "multisum":
             from toy.multisum import first_mistake
 
             return first_mistake(tokens, tuple(problem["nums"]))
@@ -76,7 +77,7 @@ class Task:
         return first_mistake(tokens, problem["a"], problem["b"])
 
     def tokenizer(self):
-        if "multisum" in str(self.assets):
+        if self.name == "multisum":
             from toy.multisum import build_tokenizer
         else:
             from toy.task import build_tokenizer
@@ -84,8 +85,9 @@ class Task:
 
 
 TASKS = {
-    "addition": Task(ROOT / "toy" / "configs" / "base.yaml", ROOT / "toy" / "assets", ROOT / "toy" / "data" / "train.jsonl"),
-    "multisum": Task(ROOT / "toy" / "configs" / "multisum.yaml", ROOT / "toy" / "assets" / "multisum",
+    "addition": Task("addition", ROOT / "toy" / "configs" / "base.yaml", ROOT / "toy" / "assets",
+                     ROOT / "toy" / "data" / "train.jsonl"),
+    "multisum": Task("multisum", ROOT / "toy" / "configs" / "multisum.yaml", ROOT / "toy" / "assets" / "multisum",
                      ROOT / "toy" / "data" / "multisum" / "train.jsonl"),
 }
 

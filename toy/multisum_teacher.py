@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from toy import multisum as ms
-from toy.train_teacher import cosine, optimizer_step, qwen3
+from toy.train_teacher import cosine, optimizer_step, padded_batch, qwen3
 
 MAX_NEW_TOKENS = 64  # a clean solution is 25 tokens with EOS; one with a redone step up to ~55
 
@@ -45,12 +45,7 @@ def masked_batch(tok, examples: Sequence[tuple[ms.Problem, list[str], list[int]]
         c_ids = tok.convert_tokens_to_ids(toks)
         seqs.append(p_ids + c_ids)
         labels.append([-100] * len(p_ids) + [i if m else -100 for i, m in zip(c_ids, mask, strict=True)])
-    L = max(map(len, seqs))
-    pad = tok.pad_token_id
-    ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs])
-    lab = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
-    attn = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
-    return ids, attn, lab
+    return padded_batch(seqs, labels, tok.pad_token_id)
 
 
 def train_step(model, opt, sched, tok, examples) -> float:

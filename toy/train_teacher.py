@@ -31,6 +31,15 @@ def qwen3(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int, seed: 
     return Qwen3ForCausalLM(cfg)
 
 
+def padded_batch(seqs: list[list[int]], labels: list[list[int]], pad: int):
+    """Token id lists and their labels (-100 where no loss) -> right-padded input ids, attention mask, labels."""
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs])
+    lab = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
+    mask = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    return ids, mask, lab
+
+
 def sft_batch(tokenizer, pairs_or_texts: list[tuple[str, str]]):
     """(prompt, completion) texts -> input ids, attention mask, labels (loss on completion + EOS only)."""
     seqs, labels = [], []
@@ -39,12 +48,7 @@ def sft_batch(tokenizer, pairs_or_texts: list[tuple[str, str]]):
         c_ids = tokenizer(c)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(p_ids + c_ids)
         labels.append([-100] * len(p_ids) + c_ids)
-    L = max(map(len, seqs))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([s + [pad] * (L - len(s)) for s in seqs])
-    lab = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
-    mask = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
-    return ids, mask, lab
+    return padded_batch(seqs, labels, tokenizer.pad_token_id)
 
 
 def sft_step(model, opt, sched, tokenizer, batch) -> float:
