@@ -16,7 +16,8 @@ the source run's seed (so the students of one seed see the same batches). Measur
 at T = 1, `--eval-n` samples per problem: addition pass@1 on the first `--eval-problems` held-out problems
 (toy/data/test.jsonl) and task B's on as many held-out ones, both by the trainer's verifier.
 
-Writes `<results>/continual.json` (every measurement) and `<results>/CONTINUAL.md`: per method, mean ± std over
+Writes `<results>/continual_<init>_<task B>_<steps>x<batch>_lr<lr>.json` (every measurement) and
+`<results>/CONTINUAL_<the same>.md`: per method, mean ± std over
 seeds of addition before and after and task B after, and the paired difference against OPD in addition
 kept (after) with a 95% bootstrap interval over seeds and problems (bench/reproduce.py's `paired_bootstrap`).
 """
@@ -103,6 +104,11 @@ class TaskB:
         return f"w1 : {spaced(x)} w2 {spaced(y)} = ?", f"\\boxed{{ {spaced(max(x, y))} }} <eos>".split(), str(max(x, y))
 
 
+def recipe_tag(a) -> str:
+    """One file per recipe (and init), so recipes compared side by side do not overwrite each other."""
+    return f"{a.init}_{a.task_b}_{a.steps}x{a.batch}_lr{a.lr:g}"
+
+
 def measure(model, tok, addition: list[dict], task_b: TaskB, held_b: list[tuple[str, str]], n: int,
             seed: int) -> dict[str, list[float]]:
     from student_trainer.evaluate import is_correct
@@ -158,7 +164,7 @@ def main() -> None:
     addition = [json.loads(x) for x in (ROOT / "toy/data/test.jsonl").read_text().splitlines()][: a.eval_problems]
     task_b = TaskB(a.task_b)
     held_b = task_b.held_out(a.eval_problems)
-    out_file = results / f"continual_{a.task_b}.json"
+    out_file = results / f"continual_{recipe_tag(a)}.json"
     done = json.loads(out_file.read_text()) if out_file.exists() else {}
     recipe = (f"SFT on task B = {a.task_b}, {a.steps} steps x {a.batch}, AdamW lr {a.lr}, cosine; "
               f"{a.eval_problems} held-out problems per task x {a.eval_n} samples at T=1")
@@ -224,7 +230,7 @@ def write_table(results: Path, done: dict, a, recipe: str, paired_bootstrap) -> 
             cells += [f"{100 * mean:+.1f} ({ahead} of {n} ahead)", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
                       + (" no difference" if lo <= 0 <= hi else "")]
         lines.append(f"| {LABELS.get(m, m)} | {len(pairs)} | " + " | ".join(cells) + " |")
-    (results / f"CONTINUAL_{a.task_b}.md").write_text("\n".join(lines) + "\n")
+    (results / f"CONTINUAL_{recipe_tag(a)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
