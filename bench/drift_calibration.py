@@ -8,10 +8,14 @@ default thresholds, or with those given as `key=value` (keys of the `drift` sect
 alarms the runs logged themselves (drift/* in metrics.jsonl) are not used: the replay is what the given
 thresholds would have done.
 
-A run *collapsed* when its final held-out pass@1 is below its own step-0 pass@1 (the eval lines of its
-metrics.jsonl); every other finished run *learned*. Printed per run: its step-0 and final pass@1, whether it
-collapsed, and the step of the first alarm; then the totals: collapsing runs flagged before half their steps,
-and false alarms (runs that learned yet alarmed). Unfinished runs are listed but not counted.
+A run *collapsed* when its final held-out pass@1 is below its own step-0 pass@1 by more than the held-out
+problems' noise: the per-problem paired difference (eval_problems.jsonl, step 0 against the last step) has a 95%
+interval (mean +- 1.96 standard errors) below 0; without per-problem evaluations, when it is below at all. A run
+whose interval covers 0 is *flat* (a student at the floor that neither learns nor falls); every other finished
+run *learned*. Flat and learning runs are the ones an alarm would be false on. Printed per run: its step-0 and
+final pass@1, whether it collapsed, and the step of the first alarm; then the totals: collapsing runs flagged
+before half their steps, and false alarms (runs that did not collapse yet alarmed). Unfinished runs are listed
+but not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Row:
     pass0: float | None
     pass_final: float | None
     first_alarm: int | None
+    change_lo: float | None = None  # 95% interval of the per-problem pass@1 change, step 0 -> final
+    change_hi: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -47,7 +53,28 @@ class Row:
 
     @property
     def collapsed(self) -> bool:
-        return self.finished and self.pass0 is not None and self.pass_final < self.pass0
+        if not self.finished or self.pass0 is None:
+            return False
+        return self.change_hi < 0 if self.change_hi is not None else self.pass_final < self.pass0
+
+    @property
+    def flat(self) -> bool:
+        return self.finished and not self.collapsed and self.change_lo is not None and self.change_lo <= 0
+
+
+def change_interval(run_dir: Path, steps: int) -> tuple[float | None, float | None]:
+    """95% interval of the mean per-problem pass@1 change from step 0 to `steps` (normal approximation)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from reproduce import per_problem
+
+    start, end = per_problem(run_dir, 0), per_problem(run_dir, steps)
+    if start is None or end is None or not np.array_equal(start[0], end[0]) or len(start[0]) < 2:
+        return None, None
+    d = end[1] - start[1]
+    half = 1.96 * float(d.std(ddof=1)) / len(d) ** 0.5
+    return float(d.mean()) - half, float(d.mean()) + half
 
 
 def eval_records(path: Path) -> dict[int, dict]:
@@ -76,9 +103,10 @@ def replay(run_dir: Path, drift: DriftSection, runs_root: Path) -> Row:
     monitor.replay(train)
     evals = eval_records(run_dir / "metrics.jsonl")
     final = evals.get(steps) if steps and train and train[-1]["step"] == steps else None
+    lo, hi = change_interval(run_dir, steps) if final else (None, None)
     return Row(init, method, seed.removeprefix("seed"), steps, train[-1]["step"] if train else 0,
                evals[0]["eval/pass@1"] if 0 in evals else None, final["eval/pass@1"] if final else None,
-               monitor.first_alarm_step)
+               monitor.first_alarm_step, lo, hi)
 
 
 def main() -> None:
@@ -102,7 +130,8 @@ def main() -> None:
     knobs = ", ".join(f"{k}={v}" for k, v in drift.model_dump().items() if k != "enabled")
     which = "" if seeds is None else f", seeds {a.seeds}"
     print(f"drift monitor replayed over {runs_root} ({len(rows)} runs{which}): {knobs}\n")
-    print("| init | method | seed | pass@1 step 0 → final | collapsed | first alarm | verdict |")
+    print("| init | method | seed | pass@1 step 0 → final [95% interval of the change] | collapsed | first alarm | "
+          "verdict |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         p0 = "–" if r.pass0 is None else f"{100 * r.pass0:.1f}"
@@ -115,8 +144,10 @@ def main() -> None:
                        "flagged late" if r.first_alarm is not None else "MISSED")
         else:
             verdict = "FALSE ALARM" if r.first_alarm is not None else "ok"
-        print(f"| {r.init} | {r.method} | {r.seed} | {p0} → {100 * r.pass_final:.1f} | "
-              f"{'yes' if r.collapsed else 'no'} | {r.first_alarm or 'none'} | {verdict} |")
+        ci = "" if r.change_lo is None else f" [{100 * r.change_lo:+.1f}, {100 * r.change_hi:+.1f}]"
+        state = "yes" if r.collapsed else "no (flat)" if r.flat else "no"
+        print(f"| {r.init} | {r.method} | {r.seed} | {p0} → {100 * r.pass_final:.1f}{ci} | "
+              f"{state} | {r.first_alarm or 'none'} | {verdict} |")
     done = [r for r in rows if r.finished]
     collapsed = [r for r in done if r.collapsed]
     early = [r for r in collapsed if r.first_alarm is not None and r.first_alarm < r.steps / 2]
@@ -126,7 +157,9 @@ def main() -> None:
     print()
     print(f"collapsing runs flagged before half their steps: {len(early)} / {len(collapsed)} "
           f"(flagged at all: {len(flagged)} / {len(collapsed)})")
-    print(f"false alarms on runs that learned: {len(false)} / {len(learned)}")
+    flat = [r for r in learned if r.flat]
+    print(f"false alarms on runs that did not collapse: {len(false)} / {len(learned)} "
+          f"({len(learned) - len(flat)} learned, {len(flat)} flat)")
     if len(done) < len(rows):
         print(f"unfinished runs not counted: {len(rows) - len(done)}")
 

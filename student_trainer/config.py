@@ -294,7 +294,11 @@ class DriftSection(_Section):
                                 "baseline's by at least this many nats per token ...")
     entropy_rise_frac: float = Field(0.1, description="... and by at least this fraction of the baseline.")
     gap_margin: float = Field(0.01, description="Confidence condition: the window's conf/gap_sampled (p_S(y) - p_T(y) "
-                              "on sampled tokens) is at most -gap_margin.")
+                              "on sampled tokens) is at most -gap_margin (or the accuracy condition holds).")
+    accuracy_drop_frac: float = Field(0.5, description="Accuracy condition, the confidence condition's alternative: "
+                                      "the window's rollout/correct_frac is below (1 - this) x the baseline's ...")
+    accuracy_floor: float = Field(0.05, description="... from a baseline of at least this (a student at the floor "
+                                  "cannot fall; accuracy_drop_frac=1 turns the condition off).")
     intervention_rise: float = Field(0.02, description="Intervention condition: the window's aopd/intervention_ratio "
                                      "is above the baseline's by at least this much (a mode that does not log it, or "
                                      "logs a constant, never alarms).")

@@ -3,13 +3,19 @@
 In our toy reproduction (docs/results/RESULTS.md) AOPD at tau = 0 collapsed from the weak initialisation, and
 the collapse showed before the accuracy fell: the policy entropy climbed, the student's confidence on its own
 tokens fell below the teacher's (`conf/gap_sampled` = p_S(y) - p_T(y) < 0) and the intervention ratio rose.
-The runs that learned did not show the three together. `DriftMonitor.observe` takes the record the trainer
-writes to metrics.jsonl (rank 0's, reduced over ranks) and returns `drift/*` metrics to add to it:
+The runs that learned did not show the three together. On the second toy task (multisum: several valid
+paths, a teacher that redoes wrong steps) the strong student's AOPD collapse showed entropy and interventions
+rising while the sampled rollouts' accuracy fell, but its confidence gap stayed above 0 until after half the
+run: the confidence condition has an alternative, the rollouts' own accuracy falling.
+`DriftMonitor.observe` takes the record the trainer writes to metrics.jsonl (rank 0's, reduced over ranks)
+and returns `drift/*` metrics to add to it:
 
     baseline   per signal, the mean over the run's first `baseline_steps` steps
     window     per signal, the mean over the last `window` steps (checked once it no longer overlaps the baseline)
     signature  entropy:      window - baseline >= max(entropy_rise, entropy_rise_frac * baseline)
-               confidence:   window gap <= -gap_margin
+               confidence:   window gap <= -gap_margin, or accuracy: the rollouts' verified accuracy
+                             (rollout/correct_frac) is below (1 - accuracy_drop_frac) x its baseline, from a
+                             baseline of at least accuracy_floor (a student at the floor cannot fall)
                intervention: window - baseline >= intervention_rise
     alarm      the signature held on `patience` consecutive steps (`drift/alarm` = 1 on every such step);
                the first alarm logs one warning with the numbers and the settings that did not drift
@@ -19,7 +25,7 @@ alarm; opd logs an intervention ratio of 0 and gkd of 1, which never rise. On re
 monitor by replaying the run's own metrics.jsonl up to the checkpoint's step (`read_train_records`, `replay`):
 the state is a function of the logged records, so nothing is stored in the checkpoint.
 
-Shape letters: W = steps in the trailing window, S = signals (entropy, gap, intervention ratio).
+Shape letters: W = steps in the trailing window, S = signals (entropy, gap, intervention ratio, accuracy).
 """
 
 from __future__ import annotations
@@ -37,15 +43,16 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENTROPY, GAP, INTERVENTION = "policy/entropy", "conf/gap_sampled", "aopd/intervention_ratio"
-SIGNALS = (ENTROPY, GAP, INTERVENTION)
+ACCURACY = "rollout/correct_frac"
+SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY)
 
-# What did not drift in our reproduction (weak initialisation, where AOPD at tau = 0 collapsed: 1.2 pass@1 from
-# 2.2; docs/results/RESULTS.md), and what did not help.
+# What did not drift in our reproduction (addition, weak initialisation, where AOPD at tau = 0 collapsed: 1.1
+# pass@1 from 2.2, 5 seeds; docs/results/runs/addition/RESULTS.md), and what did not help.
 ADVICE = (
-    "settings that did not drift in our toy reproduction (docs/results/RESULTS.md, weak initialisation): "
-    "loss.mode=aopd_add (18.0 pass@1 vs AOPD's 1.2), loss.tau=-0.5 (16.5; -0.1 and -0.9 alike), loss.beta=1.0 "
-    "(21.8), loss.mode=opd (15.8) or loss.mode=gkd (18.2); teacher.top_k=8/16 and loss.support_norm=teacher "
-    "drifted like tau=0"
+    "settings that did not drift in our toy reproduction (docs/results/runs/addition/RESULTS.md, weak "
+    "initialisation, pass@1 against AOPD's 1.1): loss.mode=aopd_add (16.0), loss.tau=-0.5 (15.5), "
+    "loss.mode=opd (13.6) or loss.mode=gkd (18.1); loss.beta=1.0 (21.8, one seed of an earlier sweep); "
+    "teacher.top_k=8/16 and loss.support_norm=teacher drifted like tau=0"
 )
 
 
@@ -99,13 +106,15 @@ class DriftMonitor:
             return out
         base_S, win_S = self.baseline_S, _window_mean_S(np.stack(self._window_WS))
         ent_rise, gap, int_rise = win_S[0] - base_S[0], win_S[1], win_S[2] - base_S[2]
-        for key, v in (("drift/entropy_rise", ent_rise), ("drift/gap", gap), ("drift/intervention_rise", int_rise)):
+        acc_ratio = win_S[3] / base_S[3] if base_S[3] >= cfg.accuracy_floor else math.nan
+        for key, v in (("drift/entropy_rise", ent_rise), ("drift/gap", gap), ("drift/intervention_rise", int_rise),
+                       ("drift/accuracy_ratio", acc_ratio)):
             if not math.isnan(v):
                 out[key] = float(v)
         # NaN compares False: a signal the mode does not log never meets its condition
         held = bool(
             ent_rise >= max(cfg.entropy_rise, cfg.entropy_rise_frac * base_S[0])
-            and gap <= -cfg.gap_margin
+            and (gap <= -cfg.gap_margin or acc_ratio < 1 - cfg.accuracy_drop_frac)
             and int_rise >= cfg.intervention_rise
         )
         self.streak = self.streak + 1 if held else 0
@@ -126,8 +135,10 @@ class DriftMonitor:
             f"entropy {win_S[0]:.3f} vs {base_S[0]:.3f} ({win_S[0] - base_S[0]:+.3f}; alarm at "
             f"{max(c.entropy_rise, c.entropy_rise_frac * base_S[0]):+.3f}), confidence gap p_S(y) - p_T(y) "
             f"{win_S[1]:+.4f} (alarm at <= {-c.gap_margin:+.4f}; below 0 the student is less sure of its own tokens "
-            f"than the teacher), intervention ratio {win_S[2]:.3f} vs {base_S[2]:.3f} ({win_S[2] - base_S[2]:+.3f}; "
-            f"alarm at {c.intervention_rise:+.3f}). Accuracy tends to fall from here; try the {ADVICE}. "
+            f"than the teacher) or rollout accuracy {win_S[3]:.3f} vs {base_S[3]:.3f} (alarm below "
+            f"{1 - c.accuracy_drop_frac:.2f}x, from a baseline >= {c.accuracy_floor}), intervention ratio "
+            f"{win_S[2]:.3f} vs {base_S[2]:.3f} ({win_S[2] - base_S[2]:+.3f}; alarm at {c.intervention_rise:+.3f}). "
+            f"Accuracy tends to fall from here, or is falling; try the {ADVICE}. "
             "drift.* sets the thresholds, drift.enabled=false turns the monitor off"
         )
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from student_trainer.config import DriftSection
-from student_trainer.drift import ENTROPY, GAP, INTERVENTION, DriftMonitor, read_train_records
+from student_trainer.drift import ACCURACY, ENTROPY, GAP, INTERVENTION, DriftMonitor, read_train_records
 from student_trainer.train import train
 from tests.helpers import make_cfg
 
@@ -94,6 +94,41 @@ def test_noisy_flat_runs_and_runs_that_learn_are_not_flagged(seed):
     for recs in (flat, gkd, add):
         step, outs = first_alarm(recs)
         assert step is None and not any(o["drift/alarm"] for o in outs)
+
+
+def multisum_collapse(acc_start: float, n=100, noise=0.0, seed=0):
+    """Shaped like AOPD's collapse on multisum from the strong student (docs/results/runs/multisum, seed 0): the
+    rollouts' accuracy falls from step 5 (0.25 -> 0 at step 25), the entropy climbs (0.30 -> 0.85 at step 26), the
+    intervention ratio dips then rises (0.45 -> 0.40 at step 15 -> 0.52 at step 26) and the gap stays above 0
+    (0.10, reaching 0 only after step 55)."""
+    recs = series(n, lambda t: ramp(t, 5, 26, 0.30, 0.85), lambda t: ramp(t, 30, 60, 0.10, -0.005),
+                  lambda t: ramp(t, 1, 15, 0.45, 0.40) + ramp(t, 15, 26, 0.0, 0.12), noise=noise, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for r in recs:
+        r[ACCURACY] = max(0.0, ramp(r["step"], 5, 25, acc_start, 0.0) + noise * rng.normal())
+    return recs
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_collapse_seen_in_accuracy_with_the_gap_above_zero_is_flagged_before_half(seed):
+    step, outs = first_alarm(multisum_collapse(0.25, noise=0.01, seed=seed))
+    assert step is not None and 20 <= step < 40, step
+    assert outs[step - 1]["drift/accuracy_ratio"] < 0.5 and outs[step - 1]["drift/gap"] > 0
+    # without the accuracy condition (or without the accuracy key) the gap alone is too late
+    late, _ = first_alarm(multisum_collapse(0.25, noise=0.01, seed=seed), DriftSection(accuracy_drop_frac=1.0))
+    assert late is None or late >= 50
+    bare = [{k: v for k, v in r.items() if k != ACCURACY} for r in multisum_collapse(0.25, seed=seed)]
+    assert first_alarm(bare)[0] is None or first_alarm(bare)[0] >= 50
+    # a student at the floor cannot fall: below accuracy_floor the condition is off
+    assert first_alarm(multisum_collapse(0.03, noise=0.0, seed=seed))[0] is None
+
+
+def test_falling_accuracy_alone_or_without_rising_interventions_is_not_enough():
+    for recs in (series(100, lambda t: 0.3, lambda t: 0.05, lambda t: 0.4),  # accuracy falls, nothing else
+                 series(100, lambda t: ramp(t, 5, 26, 0.30, 0.85), lambda t: 0.05, lambda t: 0.4)):  # + entropy
+        for r in recs:
+            r[ACCURACY] = ramp(r["step"], 5, 25, 0.3, 0.0)
+        assert first_alarm(recs)[0] is None
 
 
 def test_modes_without_an_intervention_ratio_or_any_signal_never_alarm():
