@@ -115,10 +115,48 @@ def finished(run_dir: Path, steps: int) -> bool:
     return any(r["step"] == steps for r in evals)
 
 
+def claim(run_dir: Path) -> bool:
+    """Take `run_dir` for this process (a `.lock` file with its pid), unless a live process holds it: several
+    sweeps may share a machine (say `--seeds 0,1,2` and `--seeds 3,4`) without two of them training one run."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text() or 0)
+                os.kill(holder, 0)  # alive: not ours to take
+                return holder == os.getpid()
+            except (ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)  # a stale lock of a process that died: take it over
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run(run_dir: Path, keep_dir: Path, task: Task, overrides: list[str], steps: int, log) -> float:
-    """One training run, unless `keep_dir` already holds it finished; its small files go to `keep_dir` after."""
+    """One training run, unless `keep_dir` already holds it finished; its small files go to `keep_dir` after.
+    A run another live sweep process is training is skipped (see `claim`)."""
     if finished(keep_dir, steps):
         return 0.0
+    if not claim(run_dir):
+        log(f"{run_dir.relative_to(run_dir.parents[2])}: being run by another sweep process, skipped")
+        return 0.0
+    try:
+        _run(run_dir, keep_dir, task, overrides, steps, log)
+    finally:
+        (run_dir / ".lock").unlink(missing_ok=True)
+    return 0.0
+
+
+def _run(run_dir: Path, keep_dir: Path, task: Task, overrides: list[str], steps: int, log) -> None:
     if not finished(run_dir, steps):
         resume = (run_dir / "checkpoints").is_dir()
         cmd = [sys.executable, "-m", "student_trainer", "--config", str(task.config), *overrides, f"train.steps={steps}",
@@ -135,7 +173,6 @@ def run(run_dir: Path, keep_dir: Path, task: Task, overrides: list[str], steps: 
     for name in KEEP:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, keep_dir / name)
-    return 0.0
 
 
 def mean_std(xs: list[float]) -> str:

@@ -47,3 +47,20 @@ def test_per_problem_reads_the_last_evaluation_of_a_step_in_problem_order(reprod
     idx, p1 = reproduce.per_problem(tmp_path, 0)
     assert p1.tolist() == [0.0, 0.5, 1.0]
     assert reproduce.per_problem(tmp_path, 50) is None
+
+
+def test_claim_keeps_two_sweep_processes_off_one_run_and_takes_over_a_dead_ones(reproduce, tmp_path):
+    import os
+    import subprocess
+
+    run_dir = tmp_path / "weak" / "opd" / "seed3"
+    assert reproduce.claim(run_dir) and (run_dir / ".lock").read_text() == str(os.getpid())
+    assert reproduce.claim(run_dir)  # our own lock
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(str(other.pid))
+        assert not reproduce.claim(run_dir)  # a live sweep holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert reproduce.claim(run_dir) and (run_dir / ".lock").read_text() == str(os.getpid())  # it died: stale
