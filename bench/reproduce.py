@@ -264,6 +264,53 @@ def paired_bootstrap(base: list[np.ndarray], other: list[np.ndarray], samples: i
     return float(d.mean()), float(lo), float(hi), int((d.mean(axis=1) > 0).sum()), s
 
 
+def compare(init_dir: Path, method: str, done: dict[str, list[int]], steps: int):
+    """`paired_bootstrap` of `method` against OPD at `steps` over the seeds both finished (None: no such seed)."""
+    pairs = [(per_problem(init_dir / "opd" / f"seed{s}", steps), per_problem(init_dir / method / f"seed{s}", steps))
+             for s in done.get(method, []) if s in done.get("opd", [])]
+    pairs = [(b, o) for b, o in pairs if b is not None and o is not None and np.array_equal(b[0], o[0])]
+    if not pairs:
+        return None
+    return paired_bootstrap([b[1] for b, _ in pairs], [o[1] for _, o in pairs])
+
+
+def verdict_of(lo: float, hi: float) -> str:
+    return "no difference" if lo <= 0 <= hi else ("ahead of OPD" if lo > 0 else "behind OPD")
+
+
+def write_summary(results_root: Path, methods: list[str], seeds_of, steps: int) -> str:
+    """`<results_root>/SUMMARY.md`: every task and initialisation in one table, each method against OPD."""
+    others = [m for m in methods if m != "opd"]
+    lines = ["# Every task and initialisation against OPD", "",
+             f"pass@1 at step {steps} in percentage points against OPD's, paired by seed: mean difference, 95% interval "
+             "(2-level bootstrap over seeds and held-out problems), seeds ahead. Written by `python bench/reproduce.py "
+             "--summary-only`; per setting, the tables and curves in `<task>/RESULTS.md`.", "",
+             "| task | init | OPD | " + " | ".join(LABELS[m] for m in others) + " |",
+             "|---|---|---|" + "---|" * len(others)]
+    for task in TASKS:
+        for init in ("weak", "strong"):
+            d = results_root / task / init
+            done = {m: [s for s in seeds_of(m) if finished(d / m / f"seed{s}", steps)] for m in methods}
+            if not done.get("opd"):
+                continue
+            opd = [records(d / "opd" / f"seed{s}")[1][-1]["eval/pass@1"] for s in done["opd"]]
+            cells = []
+            for m in others:
+                c = compare(d, m, done, steps)
+                if c is None:
+                    cells.append("not yet run")
+                    continue
+                mean, lo, hi, ahead, n = c
+                mark = {"ahead of OPD": "**+**", "behind OPD": "**−**", "no difference": "="}[verdict_of(lo, hi)]
+                cells.append(f"{mark} {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {ahead}/{n}")
+            lines.append(f"| {task} | {init} | {mean_std(opd)} ({len(opd)}) | " + " | ".join(cells) + " |")
+    lines += ["", "**+** ahead of OPD (the interval above 0), **−** behind (below 0), = no difference (it covers 0); "
+              "with 2 seeds or fewer the interval does not show the seed-to-seed spread."]
+    text = "\n".join(lines) + "\n"
+    (results_root / "SUMMARY.md").write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="addition", choices=sorted(TASKS))
@@ -280,6 +327,8 @@ def main() -> None:
     ap.add_argument("--results", default="docs/results/runs", help="finished runs' small files, to commit")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--report-only", action="store_true", help="write RESULTS.md from --results, run nothing")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="write --results/SUMMARY.md (every task and init against OPD), run nothing")
     a = ap.parse_args()
     task = TASKS[a.task]
     resolve = lambda x: (ROOT / x).resolve() if not Path(x).is_absolute() else Path(x)  # noqa: E731
@@ -301,6 +350,9 @@ def main() -> None:
     def seeds_of(method: str) -> list[int]:
         return seeds if method in PAIRED else extra_seeds
 
+    if a.summary_only:
+        print(write_summary(resolve(a.results), [*PAIRED, *EXTRA, *VARIANTS], seeds_of, a.steps))
+        return
     if not a.report_only:
         sweep(a, task, out, results, inits, methods, seeds_of, ablations, log)
     write_report(results, a.task, inits, methods, seeds_of, a, time.time() - t_start)
@@ -387,14 +439,12 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
         for m in methods:
             if m == "opd":
                 continue
-            pairs = [(per_problem(results / init / "opd" / f"seed{s}", a.steps),
-                      per_problem(results / init / m / f"seed{s}", a.steps)) for s in done[m] if s in done.get("opd", [])]
-            pairs = [(b, o) for b, o in pairs if b is not None and o is not None and np.array_equal(b[0], o[0])]
-            if not pairs:
+            c = compare(results / init, m, done, a.steps)
+            if c is None:
                 lines.append(f"| {LABELS[m]} | 0 | | | | not yet run |")
                 continue
-            mean, lo, hi, ahead, n = paired_bootstrap([b[1] for b, _ in pairs], [o[1] for _, o in pairs])
-            verdict = "no difference" if lo <= 0 <= hi else ("ahead of OPD" if lo > 0 else "behind OPD")
+            mean, lo, hi, ahead, n = c
+            verdict = verdict_of(lo, hi)
             if n == 1:  # resampling one seed says nothing of seed-to-seed spread
                 verdict += " (1 seed: the interval is the held-out problems' noise only)"
             elif n == 2:

@@ -64,3 +64,27 @@ def test_claim_keeps_two_sweep_processes_off_one_run_and_takes_over_a_dead_ones(
         other.kill()
         other.wait()
     assert reproduce.claim(run_dir) and (run_dir / ".lock").read_text() == str(os.getpid())  # it died: stale
+
+
+def test_summary_puts_every_setting_in_one_table_with_the_paired_verdict(reproduce, tmp_path):
+    rng = np.random.default_rng(1)
+
+    def write_run(d: Path, p_final: float):
+        d.mkdir(parents=True)
+        correct = rng.binomial(4, p_final, 400)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+            {"step": 0, "eval/pass@1": 0.1}, {"step": 100, "eval/pass@1": float(correct.mean() / 4)})))
+        (d / "eval_problems.jsonl").write_text(json.dumps(
+            {"step": 100, "n": 4, "index": list(range(400)), "correct": correct.tolist()}) + "\n")
+
+    for s in range(3):
+        write_run(tmp_path / "addition" / "weak" / "opd" / f"seed{s}", 0.3)
+        write_run(tmp_path / "addition" / "weak" / "gkd" / f"seed{s}", 0.6)  # far ahead
+        write_run(tmp_path / "addition" / "weak" / "aopd" / f"seed{s}", 0.05)  # far behind
+    text = reproduce.write_summary(tmp_path, ["opd", "aopd", "gkd", "seqkd"], lambda m: [0, 1, 2], 100)
+    row = next(line for line in text.splitlines() if line.startswith("| addition | weak |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[3].startswith("**−** -") and cells[3].endswith("0/3")
+    assert cells[4].startswith("**+** +") and cells[4].endswith("3/3")
+    assert cells[5] == "not yet run"
+    assert "| addition | strong |" not in text and (tmp_path / "SUMMARY.md").read_text() == text
