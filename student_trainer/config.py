@@ -300,8 +300,11 @@ class DriftSection(_Section):
     accuracy_floor: float = Field(0.05, description="... from a baseline of at least this (a student at the floor "
                                   "cannot fall; accuracy_drop_frac=1 turns the condition off).")
     intervention_rise: float = Field(0.02, description="Intervention condition: the window's aopd/intervention_ratio "
-                                     "is above the baseline's by at least this much (a mode that does not log it, or "
-                                     "logs a constant, never alarms).")
+                                     "is above the baseline's by at least this much (or the divergence condition holds).")
+    div_rise: float = Field(0.15, description="Divergence condition, the intervention condition's alternative: the "
+                            "window's div/all (the support divergence from the teacher on the student's own rollouts) "
+                            "is above the baseline's by at least this many nats ...")
+    div_rise_frac: float = Field(0.5, description="... and by at least this fraction of the baseline.")
 
 
 class RunConfig(_Section):

@@ -6,7 +6,8 @@ tokens fell below the teacher's (`conf/gap_sampled` = p_S(y) - p_T(y) < 0) and t
 The runs that learned did not show the three together. On the second toy task (multisum: several valid
 paths, a teacher that redoes wrong steps) the strong student's AOPD collapse showed entropy and interventions
 rising while the sampled rollouts' accuracy fell, but its confidence gap stayed above 0 until after half the
-run: the confidence condition has an alternative, the rollouts' own accuracy falling.
+run: the confidence condition has an alternative, the rollouts' own accuracy falling. GKD collapsed there
+too, and the intervention condition has an alternative for it, the divergence from the teacher rising.
 `DriftMonitor.observe` takes the record the trainer writes to metrics.jsonl (rank 0's, reduced over ranks)
 and returns `drift/*` metrics to add to it:
 
@@ -16,7 +17,10 @@ and returns `drift/*` metrics to add to it:
                confidence:   window gap <= -gap_margin, or accuracy: the rollouts' verified accuracy
                              (rollout/correct_frac) is below (1 - accuracy_drop_frac) x its baseline, from a
                              baseline of at least accuracy_floor (a student at the floor cannot fall)
-               intervention: window - baseline >= intervention_rise
+               intervention: window - baseline >= intervention_rise, or divergence: the student's divergence
+                             from the teacher on its own rollouts (div/all, every mode logs it) risen by at
+                             least max(div_rise, div_rise_frac x baseline) (GKD's collapse on multisum:
+                             its intervention ratio is 1 throughout)
     alarm      the signature held on `patience` consecutive steps (`drift/alarm` = 1 on every such step);
                the first alarm logs one warning with the numbers and the settings that did not drift
 
@@ -25,7 +29,8 @@ alarm; opd logs an intervention ratio of 0 and gkd of 1, which never rise. On re
 monitor by replaying the run's own metrics.jsonl up to the checkpoint's step (`read_train_records`, `replay`):
 the state is a function of the logged records, so nothing is stored in the checkpoint.
 
-Shape letters: W = steps in the trailing window, S = signals (entropy, gap, intervention ratio, accuracy).
+Shape letters: W = steps in the trailing window, S = signals (entropy, gap, intervention ratio, accuracy,
+divergence).
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENTROPY, GAP, INTERVENTION = "policy/entropy", "conf/gap_sampled", "aopd/intervention_ratio"
-ACCURACY = "rollout/correct_frac"
-SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY)
+ACCURACY, DIVERGENCE = "rollout/correct_frac", "div/all"
+SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY, DIVERGENCE)
 
 # What did not drift in our reproduction (addition, weak initialisation, where AOPD at tau = 0 collapsed: 1.1
 # pass@1 from 2.2, 5 seeds; docs/results/runs/addition/RESULTS.md), and what did not help.
@@ -107,15 +112,16 @@ class DriftMonitor:
         base_S, win_S = self.baseline_S, _window_mean_S(np.stack(self._window_WS))
         ent_rise, gap, int_rise = win_S[0] - base_S[0], win_S[1], win_S[2] - base_S[2]
         acc_ratio = win_S[3] / base_S[3] if base_S[3] >= cfg.accuracy_floor else math.nan
+        div_rise = win_S[4] - base_S[4]
         for key, v in (("drift/entropy_rise", ent_rise), ("drift/gap", gap), ("drift/intervention_rise", int_rise),
-                       ("drift/accuracy_ratio", acc_ratio)):
+                       ("drift/accuracy_ratio", acc_ratio), ("drift/div_rise", div_rise)):
             if not math.isnan(v):
                 out[key] = float(v)
         # NaN compares False: a signal the mode does not log never meets its condition
         held = bool(
             ent_rise >= max(cfg.entropy_rise, cfg.entropy_rise_frac * base_S[0])
             and (gap <= -cfg.gap_margin or acc_ratio < 1 - cfg.accuracy_drop_frac)
-            and int_rise >= cfg.intervention_rise
+            and (int_rise >= cfg.intervention_rise or div_rise >= max(cfg.div_rise, cfg.div_rise_frac * base_S[4]))
         )
         self.streak = self.streak + 1 if held else 0
         alarm = self.streak >= cfg.patience
@@ -137,7 +143,9 @@ class DriftMonitor:
             f"{win_S[1]:+.4f} (alarm at <= {-c.gap_margin:+.4f}; below 0 the student is less sure of its own tokens "
             f"than the teacher) or rollout accuracy {win_S[3]:.3f} vs {base_S[3]:.3f} (alarm below "
             f"{1 - c.accuracy_drop_frac:.2f}x, from a baseline >= {c.accuracy_floor}), intervention ratio "
-            f"{win_S[2]:.3f} vs {base_S[2]:.3f} ({win_S[2] - base_S[2]:+.3f}; alarm at {c.intervention_rise:+.3f}). "
+            f"{win_S[2]:.3f} vs {base_S[2]:.3f} ({win_S[2] - base_S[2]:+.3f}; alarm at {c.intervention_rise:+.3f}) or "
+            f"divergence from the teacher {win_S[4]:.3f} vs {base_S[4]:.3f} (alarm at "
+            f"{max(c.div_rise, c.div_rise_frac * base_S[4]):+.3f}). "
             f"Accuracy tends to fall from here, or is falling; try the {ADVICE}. "
             "drift.* sets the thresholds, drift.enabled=false turns the monitor off"
         )

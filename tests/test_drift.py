@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from student_trainer.config import DriftSection
-from student_trainer.drift import ACCURACY, ENTROPY, GAP, INTERVENTION, DriftMonitor, read_train_records
+from student_trainer.drift import (
+    ACCURACY,
+    DIVERGENCE,
+    ENTROPY,
+    GAP,
+    INTERVENTION,
+    DriftMonitor,
+    read_train_records,
+)
 from student_trainer.train import train
 from tests.helpers import make_cfg
 
@@ -129,6 +137,28 @@ def test_falling_accuracy_alone_or_without_rising_interventions_is_not_enough():
         for r in recs:
             r[ACCURACY] = ramp(r["step"], 5, 25, 0.3, 0.0)
         assert first_alarm(recs)[0] is None
+
+
+def gkd_run(div_to: float, acc_to: float, entropy_to: float, noise=0.01, seed=0):
+    """GKD (intervention ratio 1 throughout) as on multisum from the strong student, seed 0: div/all 0.61 -> 1.1
+    by step 40, entropy 0.30 -> 1.06 by step 49, rollout accuracy 0.27 -> 0.03 by step 20, the gap above 0."""
+    recs = series(100, lambda t: ramp(t, 5, 49, 0.30, entropy_to), lambda t: 0.07, lambda t: 1.0, noise=noise, seed=seed)
+    rng = np.random.default_rng(seed + 7)
+    for r in recs:
+        r[DIVERGENCE] = ramp(r["step"], 5, 40, 0.61, div_to) + noise * rng.normal()
+        r[ACCURACY] = max(0.0, ramp(r["step"], 5, 20, 0.27, acc_to) + noise * rng.normal())
+    return recs
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gkd_collapse_is_flagged_by_the_divergence_rising_and_gkd_learning_is_not(seed):
+    step, outs = first_alarm(gkd_run(1.1, 0.03, 1.06, seed=seed))
+    assert step is not None and step < 50, step
+    assert outs[step - 1]["drift/div_rise"] >= 0.3 and abs(outs[step - 1]["drift/intervention_rise"]) < 0.02
+    # learning: the divergence falls, accuracy rises, entropy falls
+    assert first_alarm(gkd_run(0.35, 0.5, 0.25, seed=seed))[0] is None
+    # the divergence rising a little (below div_rise) with the rest of the signature: no alarm
+    assert first_alarm(gkd_run(0.70, 0.03, 1.06, seed=seed))[0] is None
 
 
 def test_modes_without_an_intervention_ratio_or_any_signal_never_alarm():
