@@ -355,7 +355,11 @@ def main() -> None:
         return
     if not a.report_only:
         sweep(a, task, out, results, inits, methods, seeds_of, ablations, log)
-    write_report(results, a.task, inits, methods, seeds_of, a, time.time() - t_start)
+    # the report covers every method with results, not only this invocation's --methods / --inits (a sweep of
+    # two variants must not drop the others from RESULTS.md)
+    shown = [m for m in METHODS if m in methods or any((results / i / m).is_dir() for i in ("weak", "strong"))]
+    shown_inits = [i for i in ("weak", "strong") if i in inits or (results / i).is_dir()]
+    write_report(results, a.task, shown_inits, shown, seeds_of, a, time.time() - t_start)
     log(f"done: {results / 'RESULTS.md'}")
 
 
