@@ -14,8 +14,8 @@ interval (mean +- 1.96 standard errors) below 0; without per-problem evaluations
 whose interval covers 0 is *flat* (a student at the floor that neither learns nor falls); every other finished
 run *learned*. Flat and learning runs are the ones an alarm would be false on. Printed per run: its step-0 and
 final pass@1, whether it collapsed, and the step of the first alarm; then the totals: collapsing runs flagged
-before half their steps, and false alarms (runs that did not collapse yet alarmed). Unfinished runs are listed
-but not counted.
+before half their steps, and false alarms (runs that did not collapse yet alarmed), overall and per initialisation.
+Unfinished runs are listed but not counted.
 """
 
 from __future__ import annotations
@@ -162,6 +162,16 @@ def main() -> None:
           f"({len(learned) - len(flat)} learned, {len(flat)} flat)")
     if len(done) < len(rows):
         print(f"unfinished runs not counted: {len(rows) - len(done)}")
+    print("\n| init | runs | collapsed | flagged before half | flagged late | missed | false alarms (of the rest) |")
+    print("|---|---|---|---|---|---|---|")
+    for init in sorted({r.init for r in done}):
+        rs = [r for r in done if r.init == init]
+        col = [r for r in rs if r.collapsed]
+        n_early = sum(r.first_alarm is not None and r.first_alarm < r.steps / 2 for r in col)
+        n_late = sum(r.first_alarm is not None for r in col) - n_early
+        rest = [r for r in rs if not r.collapsed]
+        print(f"| {init} | {len(rs)} | {len(col)} | {n_early} | {n_late} | {len(col) - n_early - n_late} | "
+              f"{sum(r.first_alarm is not None for r in rest)} / {len(rest)} |")
 
 
 if __name__ == "__main__":
