@@ -6,8 +6,8 @@ beside its target:
    are valid and reach the right answer.
 2. A teacher that recovers: the share of its samples (T = 1) that end with the right answer after a prefix with
    a student-style mistake: (a) synthetic mistakes (ms.corrupted_example, the training distribution's kinds,
-   cut 1-6 tokens after the mistake); (b) the weak student's own wrong samples, cut 1-6 tokens after their
-   first mistake (ms.first_mistake).
+   cut 1-6 tokens after the mistake); (b) the student's own wrong samples (--student, the weak one by default),
+   cut 1-6 tokens after their first mistake (ms.first_mistake).
 
     python -m toy.multisum_properties [--n 1000] [--teacher DIR] [--student DIR]
 """
@@ -101,7 +101,7 @@ def several_paths(teacher, tok, problems, seed: int) -> None:
           f"by the verifier with the right answer: {all_accepted}")
 
 
-def recovery(teacher, student, tok, problems, seed: int) -> None:
+def recovery(teacher, student, tok, problems, seed: int, student_name: str = "student") -> None:
     rng = random.Random(seed)
     synth = [ms.corrupted_example(p, rng).prefix for p in problems]
     outs = complete(teacher, tok, problems, synth, seed=seed)
@@ -124,7 +124,7 @@ def recovery(teacher, student, tok, problems, seed: int) -> None:
             prefixes.append(body[: rng.randint(m + 1, min(m + 6, len(body)))])
     outs = complete(teacher, tok, cut_probs, prefixes, seed=seed + 1)
     rate = sum(ms.last_boxed(o) == sum(p) for o, p in zip(outs, cut_probs, strict=True)) / max(1, len(cut_probs))
-    say(f"    (b) the weak student's own wrong samples ({len(cut_probs)} of {len(problems)}), cut 1-6 tokens after "
+    say(f"    (b) {student_name}'s own wrong samples ({len(cut_probs)} of {len(problems)}), cut 1-6 tokens after "
           f"the first mistake: right final answer {rate:.3f}  (target >= {TARGET_RECOVERY})  "
           f"{'MET' if rate >= TARGET_RECOVERY else 'NOT MET'}")
     for p, x, o in list(zip(cut_probs, prefixes, outs, strict=True))[:3]:
@@ -149,7 +149,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32).eval() if a.student else None
     several_paths(teacher, tok, problems[: max(1, a.n // 4)], a.seed)
-    recovery(teacher, student, tok, problems, a.seed)
+    recovery(teacher, student, tok, problems, a.seed, Path(a.student).name if a.student else "student")
     say(f"({time.time() - t0:.0f}s)")
     if a.write:
         cmd = f"python -m toy.multisum_properties --n {a.n} --seed {a.seed}"
