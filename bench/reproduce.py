@@ -326,6 +326,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/repro", help="run directories, checkpoints (git-ignored)")
     ap.add_argument("--results", default="docs/results/runs", help="finished runs' small files, to commit")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--teacher", default=None,
+                    help="serve this teacher instead of the task's (toy/assets[/multisum]/teacher): a sensitivity "
+                         "check; use its own --results")
     ap.add_argument("--report-only", action="store_true", help="write RESULTS.md from --results, run nothing")
     ap.add_argument("--summary-only", action="store_true",
                     help="write --results/SUMMARY.md (every task and init against OPD), run nothing")
@@ -367,7 +370,7 @@ def sweep(a, task: Task, out: Path, results: Path, inits, methods, seeds_of, abl
     common = [f"data.eval_limit={a.eval_limit}", f"train.eval_every={max(1, a.steps // 4)}"]
     serve = ["--dtype", "float32", "--max-top-k", "32"]
     with (
-        serve_in_subprocess(str(task.assets / "teacher"), None, "--engine", a.engine, *serve) as teacher,
+        serve_in_subprocess(a.teacher or str(task.assets / "teacher"), None, "--engine", a.engine, *serve) as teacher,
         serve_in_subprocess(str(task.assets / "student_weak"), None, *serve) as ref_weak,
         serve_in_subprocess(str(task.assets / "student_strong"), None, *serve) as ref_strong,
     ):
@@ -402,7 +405,9 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
     lines = [f"# Toy reproduction, task `{task_name}` ({a.steps} steps x 16 prompts x 4 samples per run, K=32 unless "
              "noted)", "",
              f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
-             f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}`; wall time of this invocation "
+             f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}"
+             f"{f' --teacher {a.teacher} --results {a.results}' if getattr(a, 'teacher', None) else ''}`; "
+             "wall time of this invocation "
              f"{wall_s / 60:.1f} min (runs already finished are not re-run). Held-out pass@1 / pass@4 in %, mean ± "
              f"std over the seeds finished ({a.eval_limit} held-out problems x 4 samples at the start, every "
              f"{max(1, a.steps // 4)} steps and the end).", ""]
