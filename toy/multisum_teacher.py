@@ -143,7 +143,7 @@ def main() -> None:
     (out / "TRAINING.md").write_text(
         f"Trained by `python -m toy.multisum_teacher{stage} --steps {a.steps} --batch {a.batch} --lr {a.lr} --hidden "
         f"{a.hidden} --layers {a.layers} --p-corrupt {a.p_corrupt} --seed {a.seed} --threads {a.threads}` in "
-        f"{train_s:.0f}s on one CPU core (torch threads {a.threads}).\n{line}\n"
+        f"{train_s:.0f}s on the CPU with torch threads {a.threads}.\n{line}\n"
         "Measured properties: `python -m toy.multisum_properties`.\n" + history
     )
 
