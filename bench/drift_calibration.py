@@ -58,6 +58,10 @@ class Row:
         return self.change_hi < 0 if self.change_hi is not None else self.pass_final < self.pass0
 
     @property
+    def flagged_early(self) -> bool:
+        return self.first_alarm is not None and self.first_alarm < self.steps / 2
+
+    @property
     def flat(self) -> bool:
         return self.finished and not self.collapsed and self.change_lo is not None and self.change_lo <= 0
 
@@ -140,7 +144,7 @@ def main() -> None:
                   f"{r.first_alarm or 'none'} | not counted |")
             continue
         if r.collapsed:
-            verdict = ("flagged before half" if r.first_alarm is not None and r.first_alarm < r.steps / 2 else
+            verdict = ("flagged before half" if r.flagged_early else
                        "flagged late" if r.first_alarm is not None else "MISSED")
         else:
             verdict = "FALSE ALARM" if r.first_alarm is not None else "ok"
@@ -150,7 +154,7 @@ def main() -> None:
               f"{state} | {r.first_alarm or 'none'} | {verdict} |")
     done = [r for r in rows if r.finished]
     collapsed = [r for r in done if r.collapsed]
-    early = [r for r in collapsed if r.first_alarm is not None and r.first_alarm < r.steps / 2]
+    early = [r for r in collapsed if r.flagged_early]
     flagged = [r for r in collapsed if r.first_alarm is not None]
     learned = [r for r in done if not r.collapsed]
     false = [r for r in learned if r.first_alarm is not None]
@@ -167,7 +171,7 @@ def main() -> None:
     for init in sorted({r.init for r in done}):
         rs = [r for r in done if r.init == init]
         col = [r for r in rs if r.collapsed]
-        n_early = sum(r.first_alarm is not None and r.first_alarm < r.steps / 2 for r in col)
+        n_early = sum(r.flagged_early for r in col)
         n_late = sum(r.first_alarm is not None for r in col) - n_early
         rest = [r for r in rs if not r.collapsed]
         print(f"| {init} | {len(rs)} | {len(col)} | {n_early} | {n_late} | {len(col) - n_early - n_late} | "

@@ -406,7 +406,7 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
              "noted)", "",
              f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
              f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}"
-             f"{f' --teacher {a.teacher} --results {a.results}' if getattr(a, 'teacher', None) else ''}`; "
+             f"{f' --teacher {a.teacher} --results {a.results}' if a.teacher else ''}`; "
              "wall time of this invocation "
              f"{wall_s / 60:.1f} min (runs already finished are not re-run). Held-out pass@1 / pass@4 in %, mean ± "
              f"std over the seeds finished ({a.eval_limit} held-out problems x 4 samples at the start, every "

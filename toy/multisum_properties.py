@@ -101,7 +101,7 @@ def several_paths(teacher, tok, problems, seed: int) -> None:
           f"by the verifier with the right answer: {all_accepted}")
 
 
-def recovery(teacher, student, tok, problems, seed: int, student_name: str = "student") -> None:
+def recovery(teacher, student, tok, problems, seed: int, student_name: str) -> None:
     rng = random.Random(seed)
     synth = [ms.corrupted_example(p, rng).prefix for p in problems]
     outs = complete(teacher, tok, problems, synth, seed=seed)
