@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
                     help="the weak-init ablations (default: on for addition)")
     ap.add_argument("--eval-limit", type=int, default=1000, help="held-out problems (x 4 samples) per evaluation")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="steps between evaluations (default: a quarter of --steps; --steps: the start and the end only)")
     ap.add_argument("--out", default="runs/repro", help="run directories, checkpoints (git-ignored)")
     ap.add_argument("--results", default="docs/results/runs", help="finished runs' small files, to commit")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
@@ -366,8 +368,12 @@ def main() -> None:
     log(f"done: {results / 'RESULTS.md'}")
 
 
+def eval_every(a) -> int:
+    return a.eval_every or max(1, a.steps // 4)
+
+
 def sweep(a, task: Task, out: Path, results: Path, inits, methods, seeds_of, ablations: bool, log) -> None:
-    common = [f"data.eval_limit={a.eval_limit}", f"train.eval_every={max(1, a.steps // 4)}"]
+    common = [f"data.eval_limit={a.eval_limit}", f"train.eval_every={eval_every(a)}"]
     serve = ["--dtype", "float32", "--max-top-k", "32"]
     with (
         serve_in_subprocess(a.teacher or str(task.assets / "teacher"), None, "--engine", a.engine, *serve) as teacher,
@@ -406,11 +412,13 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
              "noted)", "",
              f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
              f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}"
-             f"{f' --teacher {a.teacher} --results {a.results}' if a.teacher else ''}`; "
+             f"{f' --eval-every {a.eval_every}' if a.eval_every else ''}"
+             f"{f' --teacher {a.teacher}' if a.teacher else ''}"
+             f"{f' --results {a.results}' if a.results != 'docs/results/runs' else ''}`; "
              "wall time of this invocation "
              f"{wall_s / 60:.1f} min (runs already finished are not re-run). Held-out pass@1 / pass@4 in %, mean ± "
              f"std over the seeds finished ({a.eval_limit} held-out problems x 4 samples at the start, every "
-             f"{max(1, a.steps // 4)} steps and the end).", ""]
+             f"{eval_every(a)} steps and the end).", ""]
     for init in inits:
         done = {m: [s for s in seeds_of(m) if finished(results / init / m / f"seed{s}", a.steps)] for m in methods}
         lines += [f"## {init} initialisation", "", "| method | seeds | pass@1 | pass@4 | entropy (late) | grad norm (late) | "

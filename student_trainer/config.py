@@ -281,7 +281,8 @@ class TrainSection(_Section):
 class DriftSection(_Section):
     """The drift monitor (student_trainer/drift.py): a warning in the log and drift/alarm = 1 in metrics.jsonl when
     the run shows the signature AOPD's collapse had in our toy reproduction (docs/results/RESULTS.md): policy
-    entropy climbing while the student's confidence falls below the teacher's and the intervention ratio rises."""
+    entropy climbing while the student's confidence falls below the teacher's and the intervention ratio rises;
+    or the runaway: entropy climbing while the rollouts stop finishing within the token limit."""
 
     enabled: bool = Field(True, description="Watch each step's metrics for the drift signature (drift/* metrics, one "
                           "warning at the first alarm naming the settings that did not drift); false: off.")
@@ -305,6 +306,10 @@ class DriftSection(_Section):
                             "window's div/all (the support divergence from the teacher on the student's own rollouts) "
                             "is above the baseline's by at least this many nats ...")
     div_rise_frac: float = Field(0.5, description="... and by at least this fraction of the baseline.")
+    finish_drop_frac: float = Field(0.5, description="Runaway, the second signature: the entropy condition and the "
+                                    "window's rollout/finished_frac (rollouts ending within the token limit) below "
+                                    "(1 - this) x the baseline's, alone (it needs no accuracy above the floor); "
+                                    "1 turns it off.")
 
 
 class RunConfig(_Section):

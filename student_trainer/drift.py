@@ -7,7 +7,11 @@ The runs that learned did not show the three together. On the second toy task (m
 paths, a teacher that redoes wrong steps) the strong student's AOPD collapse showed entropy and interventions
 rising while the sampled rollouts' accuracy fell, but its confidence gap stayed above 0 until after half the
 run: the confidence condition has an alternative, the rollouts' own accuracy falling. GKD collapsed there
-too, and the intervention condition has an alternative for it, the divergence from the teacher rising.
+too, and the intervention condition has an alternative for it, the divergence from the teacher rising. From
+the weak multisum student, at the accuracy floor (about 1% pass@1, where no accuracy can be seen to fall), AOPD
+and GKD collapsed another way: the entropy climbed and the rollouts stopped reaching an answer (the share
+finished within the token limit 0.83 -> 0.16 in ten steps) while the gap stayed above 0 and neither the
+intervention ratio nor the divergence rose. That is the second signature, the runaway.
 `DriftMonitor.observe` takes the record the trainer writes to metrics.jsonl (rank 0's, reduced over ranks)
 and returns `drift/*` metrics to add to it:
 
@@ -21,7 +25,11 @@ and returns `drift/*` metrics to add to it:
                              from the teacher on its own rollouts (div/all, every mode logs it) risen by at
                              least max(div_rise, div_rise_frac x baseline) (GKD's collapse on multisum:
                              its intervention ratio is 1 throughout)
-    alarm      the signature held on `patience` consecutive steps (`drift/alarm` = 1 on every such step);
+    runaway    the second signature: the entropy condition, and the rollouts' finished share
+               (rollout/finished_frac, the share ending with EOS within the token limit) below
+               (1 - finish_drop_frac) x its baseline: measured on every rollout, it does not need a student
+               above the floor
+    alarm      either signature held on `patience` consecutive steps (`drift/alarm` = 1 on every such step);
                the first alarm logs one warning with the numbers and the settings that did not drift
 
 A signal a mode does not log (seqkd logs none of the three) leaves its condition unmet, so such runs never
@@ -30,7 +38,7 @@ monitor by replaying the run's own metrics.jsonl up to the checkpoint's step (`r
 the state is a function of the logged records, so nothing is stored in the checkpoint.
 
 Shape letters: W = steps in the trailing window, S = signals (entropy, gap, intervention ratio, accuracy,
-divergence).
+divergence, finished share).
 """
 
 from __future__ import annotations
@@ -48,8 +56,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENTROPY, GAP, INTERVENTION = "policy/entropy", "conf/gap_sampled", "aopd/intervention_ratio"
-ACCURACY, DIVERGENCE = "rollout/correct_frac", "div/all"
-SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY, DIVERGENCE)
+ACCURACY, DIVERGENCE, FINISHED = "rollout/correct_frac", "div/all", "rollout/finished_frac"
+SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY, DIVERGENCE, FINISHED)
 
 # What did not drift in our reproduction (docs/results/runs/SUMMARY.md: two toy tasks, two initialisations,
 # 5 paired seeds, pass@1 at step 100). AOPD at tau = 0 collapsed on addition from the weak student (1.1 against
@@ -73,7 +81,7 @@ def _window_mean_S(values_WS: np.ndarray) -> np.ndarray:
 
 
 def _signals_S(record: dict[str, Any]) -> np.ndarray:
-    """The record's three signals; NaN for a key it does not have (or a non-finite value)."""
+    """The record's signals; NaN for a key it does not have (or a non-finite value)."""
     out = np.full(len(SIGNALS), np.nan)
     for i, key in enumerate(SIGNALS):
         v = record.get(key)
@@ -116,16 +124,23 @@ class DriftMonitor:
         ent_rise, gap, int_rise = win_S[0] - base_S[0], win_S[1], win_S[2] - base_S[2]
         acc_ratio = win_S[3] / base_S[3] if base_S[3] >= cfg.accuracy_floor else math.nan
         div_rise = win_S[4] - base_S[4]
+        fin_ratio = win_S[5] / base_S[5] if base_S[5] > 0 else math.nan
         for key, v in (("drift/entropy_rise", ent_rise), ("drift/gap", gap), ("drift/intervention_rise", int_rise),
-                       ("drift/accuracy_ratio", acc_ratio), ("drift/div_rise", div_rise)):
+                       ("drift/accuracy_ratio", acc_ratio), ("drift/div_rise", div_rise),
+                       ("drift/finished_ratio", fin_ratio)):
             if not math.isnan(v):
                 out[key] = float(v)
         # NaN compares False: a signal the mode does not log never meets its condition
-        held = bool(
-            ent_rise >= max(cfg.entropy_rise, cfg.entropy_rise_frac * base_S[0])
+        entropy = ent_rise >= max(cfg.entropy_rise, cfg.entropy_rise_frac * base_S[0])
+        collapse = bool(
+            entropy
             and (gap <= -cfg.gap_margin or acc_ratio < 1 - cfg.accuracy_drop_frac)
             and (int_rise >= cfg.intervention_rise or div_rise >= max(cfg.div_rise, cfg.div_rise_frac * base_S[4]))
         )
+        runaway = bool(entropy and fin_ratio < 1 - cfg.finish_drop_frac)
+        if not math.isnan(fin_ratio):
+            out["drift/runaway"] = int(runaway)
+        held = collapse or runaway
         self.streak = self.streak + 1 if held else 0
         alarm = self.streak >= cfg.patience
         out["drift/streak"] = self.streak
@@ -133,13 +148,15 @@ class DriftMonitor:
         if alarm and self.first_alarm_step is None:
             self.first_alarm_step = int(record["step"])
             if warn:
-                logger.warning("%s", self.describe(record["step"], base_S, win_S))
+                logger.warning("%s", self.describe(record["step"], base_S, win_S, runaway and not collapse))
         return out
 
-    def describe(self, step: int, base_S: np.ndarray, win_S: np.ndarray) -> str:
+    def describe(self, step: int, base_S: np.ndarray, win_S: np.ndarray, runaway: bool = False) -> str:
         c = self.cfg
+        which = ("the runaway signature (entropy climbing, rollouts no longer finishing) of AOPD's and GKD's "
+                 "collapse from a student at the accuracy floor" if runaway else "the signature of AOPD's collapse")
         return (
-            f"drift alarm at step {step}: the signature of AOPD's collapse in our toy reproduction held for "
+            f"drift alarm at step {step}: {which} in our toy reproduction held for "
             f"{self.streak} steps. Mean of the last {c.window} steps against the first {c.baseline_steps}: policy "
             f"entropy {win_S[0]:.3f} vs {base_S[0]:.3f} ({win_S[0] - base_S[0]:+.3f}; alarm at "
             f"{max(c.entropy_rise, c.entropy_rise_frac * base_S[0]):+.3f}), confidence gap p_S(y) - p_T(y) "
@@ -148,7 +165,8 @@ class DriftMonitor:
             f"{1 - c.accuracy_drop_frac:.2f}x, from a baseline >= {c.accuracy_floor}), intervention ratio "
             f"{win_S[2]:.3f} vs {base_S[2]:.3f} ({win_S[2] - base_S[2]:+.3f}; alarm at {c.intervention_rise:+.3f}) or "
             f"divergence from the teacher {win_S[4]:.3f} vs {base_S[4]:.3f} (alarm at "
-            f"{max(c.div_rise, c.div_rise_frac * base_S[4]):+.3f}). "
+            f"{max(c.div_rise, c.div_rise_frac * base_S[4]):+.3f}); or, the runaway, rollouts finished within the "
+            f"token limit {win_S[5]:.3f} vs {base_S[5]:.3f} (alarm below {1 - c.finish_drop_frac:.2f}x). "
             f"Accuracy tends to fall from here, or is falling; try the {ADVICE}. "
             "drift.* sets the thresholds, drift.enabled=false turns the monitor off"
         )

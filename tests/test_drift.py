@@ -18,6 +18,7 @@ from student_trainer.drift import (
     ACCURACY,
     DIVERGENCE,
     ENTROPY,
+    FINISHED,
     GAP,
     INTERVENTION,
     DriftMonitor,
@@ -159,6 +160,66 @@ def test_gkd_collapse_is_flagged_by_the_divergence_rising_and_gkd_learning_is_no
     assert first_alarm(gkd_run(0.35, 0.5, 0.25, seed=seed))[0] is None
     # the divergence rising a little (below div_rise) with the rest of the signature: no alarm
     assert first_alarm(gkd_run(0.70, 0.03, 1.06, seed=seed))[0] is None
+
+
+def floor_run(entropy_to: float, finished_to: float, mode: str = "aopd", noise=0.01, seed=0):
+    """A student at the accuracy floor, as on multisum from the weak student (docs/results/runs/multisum, seeds 0-1):
+    rollout accuracy ~0.01 throughout, the gap above 0 and falling, the divergence falling, the intervention ratio
+    level (1 for gkd, 0 for opd); the entropy climbs from 0.88 and the finished share falls from 0.83, both from
+    step 8 to step 25 (AOPD: 1.6 and 0.1; OPD: 0.78 and 0.75)."""
+    level = {"aopd": 0.62, "gkd": 1.0, "opd": 0.0}[mode]
+    recs = series(100, lambda t: ramp(t, 8, 25, 0.88, entropy_to), lambda t: ramp(t, 1, 40, 0.17, 0.0),
+                  lambda t: level, noise=noise, seed=seed)
+    rng = np.random.default_rng(seed + 11)
+    for r in recs:
+        r[ACCURACY] = max(0.0, 0.01 + noise * rng.normal())
+        r[DIVERGENCE] = ramp(r["step"], 1, 100, 1.7, 1.2) + noise * rng.normal()
+        r[FINISHED] = min(1.0, max(0.0, ramp(r["step"], 8, 25, 0.83, finished_to) + noise * rng.normal()))
+    return recs
+
+
+def test_a_runaway_step_change_is_flagged_at_the_step_the_rule_says():
+    """Flat until step 30, then entropy +0.4 and the finished share 0.9 -> 0.2 at once (default thresholds: window
+    5, patience 3). After k steps of the new regime the window's finished share is 0.9 - 0.14 k, first below half
+    the baseline (0.45) at k = 4 (0.34; at k = 3 0.48), the entropy condition holding from k = 1: held from step
+    34, the alarm at step 36. Nothing else moves: the first signature never holds."""
+    recs = series(60, lambda t: 0.3 + 0.4 * (t > 30), lambda t: 0.1, lambda t: 0.5)
+    for r in recs:
+        r[FINISHED] = 0.9 - 0.7 * (r["step"] > 30)
+    step, outs = first_alarm(recs)
+    assert step == 36
+    assert outs[32]["drift/runaway"] == 0 and outs[33]["drift/runaway"] == 1 and outs[33]["drift/streak"] == 1
+    assert outs[-1]["drift/finished_ratio"] == pytest.approx(0.2 / 0.9)
+    # finish_drop_frac=1 turns the runaway off
+    assert first_alarm(recs, DriftSection(finish_drop_frac=1.0))[0] is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", ["aopd", "gkd"])
+def test_a_collapse_at_the_accuracy_floor_is_flagged_by_the_runaway_before_half(mode, seed):
+    step, outs = first_alarm(floor_run(1.6, 0.1, mode, seed=seed))
+    assert step is not None and 15 <= step < 30, step
+    o = outs[step - 1]
+    assert o["drift/runaway"] == 1 and o["drift/finished_ratio"] < 0.5 and o["drift/gap"] > 0
+    assert "drift/accuracy_ratio" not in o  # at the floor the accuracy condition is off
+    # the same run without the finished share logged: the first signature alone misses it
+    bare = [{k: v for k, v in r.items() if k != FINISHED} for r in floor_run(1.6, 0.1, mode, seed=seed)]
+    assert first_alarm(bare)[0] is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fewer_finished_rollouts_without_the_entropy_climb_or_a_smaller_drop_is_not_enough(seed):
+    assert first_alarm(floor_run(0.88, 0.1, seed=seed))[0] is None  # entropy level, the finished share falls
+    assert first_alarm(floor_run(1.6, 0.55, seed=seed))[0] is None  # entropy climbs, finished 0.83 -> 0.55 (0.66x)
+    assert first_alarm(floor_run(0.78, 0.75, "opd", seed=seed))[0] is None  # OPD from the weak multisum student
+
+
+def test_the_runaway_warning_says_which_signature_held(caplog):
+    with caplog.at_level(logging.WARNING, logger="student_trainer.drift"):
+        step, _ = first_alarm(floor_run(1.6, 0.1), warn=True)
+    msg = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msg) == 1 and "runaway" in msg[0] and "rollouts finished within the token limit" in msg[0]
+    assert "loss.mode=opd" in msg[0]
 
 
 def test_modes_without_an_intervention_ratio_or_any_signal_never_alarm():
