@@ -61,14 +61,18 @@ SIGNALS = (ENTROPY, GAP, INTERVENTION, ACCURACY, DIVERGENCE, FINISHED)
 
 # What did not drift in our reproduction (docs/results/runs/SUMMARY.md: two toy tasks, two initialisations,
 # 5 paired seeds, pass@1 at step 100). AOPD at tau = 0 collapsed on addition from the weak student (1.1 against
-# OPD's 13.6) and on multisum from the strong one (0.2 against 49.4); GKD collapsed there too (3.0).
+# OPD's 13.6) and on multisum from the strong one (0.2 against 49.4); GKD collapsed there too (3.0); from the weak
+# multisum student (at the floor) AOPD, GKD and AOPD with beta = 1 ran away (docs/results/runs/multisum/DRIFT.md).
 ADVICE = (
     "settings that did not drift in our toy reproduction (docs/results/runs/SUMMARY.md, pass@1 on addition "
     "weak / addition strong / multisum strong): loss.mode=opd (13.6 / 89.5 / 49.4); loss.mode=aopd_add "
     "loss.beta=1.0 (16.8 / 91.7 / 49.0, the one AOPD setting at or above OPD everywhere); loss.mode=aopd_add "
     "(16.0 / 93.2 / 41.8); loss.tau=-0.5 (15.5 / 90.6 / 46.2). loss.mode=gkd did not drift on addition but "
     "collapsed on multisum (3.0), where the teacher spreads over several valid paths; teacher.top_k=8/16 and "
-    "loss.support_norm=teacher drifted like tau=0"
+    "loss.support_norm=teacher drifted like tau=0. From a student at the floor (multisum weak, 1.3%), where no "
+    "on-policy loss learned, aopd, gkd and aopd beta=1 ran away (rollouts no longer finishing), aopd_add in 1 of 5 "
+    "seeds, opd, tau=-0.5 and aopd_add beta=1 in none; loss.mode=seqkd (imitating the teacher's samples) was "
+    "the one loss above its start there"
 )
 
 
