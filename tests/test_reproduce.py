@@ -88,3 +88,57 @@ def test_summary_puts_every_setting_in_one_table_with_the_paired_verdict(reprodu
     assert cells[4].startswith("**+** +") and cells[4].endswith("3/3")
     assert cells[5] == "not yet run"
     assert "| addition | strong |" not in text and (tmp_path / "SUMMARY.md").read_text() == text
+
+
+def test_drift_calibration_counts_a_collapse_only_below_opds_run_and_never_a_decline_opd_shares(
+        reproduce, tmp_path, capsys, monkeypatch):
+    """bench/drift_calibration.py on a made-up results tree (weak init, seed 0, 400 problems x 4, 100 steps): OPD
+    declines 10% -> 5%, AOPD-add declines as much (declined as OPD: not counted), AOPD falls to 0 and below OPD
+    (collapsed) with the runaway in its records from step 20 (flagged before half), GKD learns but shows the runaway
+    too (a false alarm), SeqKD is level (flat)."""
+    spec = importlib.util.spec_from_file_location("drift_calibration", ROOT / "bench" / "drift_calibration.py")
+    calib = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "drift_calibration", calib)  # its dataclass looks its module up
+    spec.loader.exec_module(calib)
+    rng = np.random.default_rng(0)
+
+    def correct(p):  # per-problem correct counts of 4 samples, every problem at rate p
+        return rng.binomial(4, p, 400).tolist()
+
+    def write(method, start, end, runaway):
+        d = tmp_path / "weak" / method / "seed0"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("train:\n  steps: 100\n")
+        lines = [{"step": 0, "eval/pass@1": start}]
+        for t in range(1, 101):
+            late = runaway and t > 20
+            lines.append({"step": t, "optim/grad_norm": 1.0, "policy/entropy": 0.8 + 0.6 * late,
+                          "conf/gap_sampled": 0.1, "rollout/finished_frac": 0.9 - 0.7 * late})
+        lines.append({"step": 100, "eval/pass@1": end})
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        probs = [{"step": s, "n": 4, "index": list(range(400)), "correct": correct(p)} for s, p in ((0, start), (100, end))]
+        (d / "eval_problems.jsonl").write_text("\n".join(json.dumps(x) for x in probs) + "\n")
+
+    for method, start, end, runaway in (("opd", 0.1, 0.05, False), ("aopd_add", 0.1, 0.05, False),
+                                        ("aopd", 0.1, 0.0, True), ("gkd", 0.1, 0.2, True), ("seqkd", 0.1, 0.1, False)):
+        write(method, start, end, runaway)
+    from student_trainer.config import DriftSection
+
+    rows = {r.method: r for r in (calib.replay(tmp_path / "weak" / m / "seed0", DriftSection(), tmp_path)
+                                  for m in ("opd", "aopd_add", "aopd", "gkd", "seqkd"))}
+    assert rows["opd"].declined and not rows["opd"].collapsed and rows["opd"].vs_opd_hi is None
+    add = rows["aopd_add"]
+    assert add.declined and not add.collapsed and add.vs_opd_lo < 0 < add.vs_opd_hi
+    assert rows["aopd"].collapsed and rows["aopd"].vs_opd_hi < 0 and rows["aopd"].flagged_early
+    # from step 21 on: the window's finished share 0.9 - 0.14 k after k such steps, below half of 0.9 at k = 4 (step
+    # 24), then patience 3
+    assert rows["aopd"].first_alarm == 26
+    assert not rows["gkd"].declined and rows["gkd"].first_alarm is not None
+    assert rows["seqkd"].flat and rows["seqkd"].first_alarm is None
+    monkeypatch.setattr(sys, "argv", ["drift_calibration.py", "--runs", str(tmp_path)])
+    calib.main()
+    out = capsys.readouterr().out
+    assert "collapses flagged before half their steps: 1 / 1" in out
+    assert "every decline (collapses and declines as OPD's) flagged before half: 1 / 3" in out
+    assert "false alarms on runs that did not decline: 1 / 2 (1 learned, 1 flat)" in out
+    assert "| weak | 5 | 1 | 1 | 0 | 0 | 2 (0) | 1 / 2 |" in out
