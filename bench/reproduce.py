@@ -413,6 +413,8 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
              f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
              f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}"
              f"{f' --eval-every {a.eval_every}' if a.eval_every else ''}"
+             f"{f' --inits {a.inits}' if a.inits != 'weak,strong' else ''}"
+             f"{f' --methods {a.methods}' if a.methods != ','.join([*PAIRED, *EXTRA, *VARIANTS]) else ''}"
              f"{f' --teacher {a.teacher}' if a.teacher else ''}"
              f"{f' --results {a.results}' if a.results != 'docs/results/runs' else ''}`; "
              "wall time of this invocation "
