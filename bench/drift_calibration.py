@@ -71,6 +71,11 @@ class Row:
         return self.vs_opd_hi is None or self.vs_opd_hi < 0
 
     @property
+    def declined_as_opd(self) -> bool:
+        """A decline OPD's run shares (OPD's own among them): counted neither as a miss nor as a false alarm."""
+        return self.declined and not self.collapsed
+
+    @property
     def flagged_early(self) -> bool:
         return self.first_alarm is not None and self.first_alarm < self.steps / 2
 
@@ -165,13 +170,13 @@ def main() -> None:
         if r.collapsed:
             verdict = ("flagged before half" if r.flagged_early else
                        "flagged late" if r.first_alarm is not None else "MISSED")
-        elif r.declined:
+        elif r.declined_as_opd:
             verdict = "not counted" + (f" (alarm at {r.first_alarm})" if r.first_alarm is not None else "")
         else:
             verdict = "FALSE ALARM" if r.first_alarm is not None else "ok"
         ci = "" if r.change_lo is None else f" [{100 * r.change_lo:+.1f}, {100 * r.change_hi:+.1f}]"
         vs = "–" if r.vs_opd_lo is None else f"[{100 * r.vs_opd_lo:+.1f}, {100 * r.vs_opd_hi:+.1f}]"
-        state = ("collapsed" if r.collapsed else "declined as OPD" if r.declined else "flat" if r.flat else
+        state = ("collapsed" if r.collapsed else "declined as OPD" if r.declined_as_opd else "flat" if r.flat else
                  "learned")
         print(f"| {r.init} | {r.method} | {r.seed} | {p0} → {100 * r.pass_final:.1f}{ci} | {vs} | "
               f"{state} | {r.first_alarm or 'none'} | {verdict} |")
@@ -180,7 +185,7 @@ def main() -> None:
     early = [r for r in collapsed if r.flagged_early]
     flagged = [r for r in collapsed if r.first_alarm is not None]
     declined = [r for r in done if r.declined]
-    shared = [r for r in declined if not r.collapsed]
+    shared = [r for r in done if r.declined_as_opd]
     rest = [r for r in done if not r.declined]
     false = [r for r in rest if r.first_alarm is not None]
     print()
@@ -202,7 +207,7 @@ def main() -> None:
         col = [r for r in rs if r.collapsed]
         n_early = sum(r.flagged_early for r in col)
         n_late = sum(r.first_alarm is not None for r in col) - n_early
-        sh = [r for r in rs if r.declined and not r.collapsed]
+        sh = [r for r in rs if r.declined_as_opd]
         ok = [r for r in rs if not r.declined]
         print(f"| {init} | {len(rs)} | {len(col)} | {n_early} | {n_late} | {len(col) - n_early - n_late} | "
               f"{len(sh)} ({sum(r.first_alarm is not None for r in sh)}) | "

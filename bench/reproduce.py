@@ -335,6 +335,7 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true",
                     help="write --results/SUMMARY.md (every task and init against OPD), run nothing")
     a = ap.parse_args()
+    a.defaults = vars(ap.parse_args([]))  # the report's command line names the options given otherwise
     task = TASKS[a.task]
     resolve = lambda x: (ROOT / x).resolve() if not Path(x).is_absolute() else Path(x)  # noqa: E731
     out, results = resolve(a.out) / a.task, resolve(a.results) / a.task
@@ -412,11 +413,9 @@ def write_report(results: Path, task_name: str, inits, methods, seeds_of, a, wal
              "noted)", "",
              f"Command: `python bench/reproduce.py --task {task_name} --steps {a.steps} --seeds {a.seeds} "
              f"--extra-seeds {a.extra_seeds} --eval-limit {a.eval_limit}"
-             f"{f' --eval-every {a.eval_every}' if a.eval_every else ''}"
-             f"{f' --inits {a.inits}' if a.inits != 'weak,strong' else ''}"
-             f"{f' --methods {a.methods}' if a.methods != ','.join([*PAIRED, *EXTRA, *VARIANTS]) else ''}"
-             f"{f' --teacher {a.teacher}' if a.teacher else ''}"
-             f"{f' --results {a.results}' if a.results != 'docs/results/runs' else ''}`; "
+             + "".join(f" --{k.replace('_', '-')} {getattr(a, k)}" for k in ("eval_every", "inits", "methods", "teacher",
+                                                                              "results") if getattr(a, k) != a.defaults[k])
+             + "`; "
              "wall time of this invocation "
              f"{wall_s / 60:.1f} min (runs already finished are not re-run). Held-out pass@1 / pass@4 in %, mean ± "
              f"std over the seeds finished ({a.eval_limit} held-out problems x 4 samples at the start, every "
